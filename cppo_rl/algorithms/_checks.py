@@ -61,9 +61,7 @@ def check_non_negative(name: str, value: float, caller: str) -> None:
         raise ValueError(f"{caller}: `{name}` must be a number >= 0, got {value!r}")
 
 
-def check_in_interval(
-    name: str, value: float, low: float, high: float, caller: str, *, low_open: bool = False
-) -> None:
+def check_in_interval(name: str, value: float, low: float, high: float, caller: str, *, low_open: bool = False) -> None:
     """Raise ValueError unless low <= value <= high (low < value when `low_open`)."""
     above_low = value > low if low_open else value >= low
     if not _is_number(value) or not (above_low and value <= high):

@@ -76,7 +76,6 @@ def cppo_diagnostics(result: CPPOMaskResult, keep: torch.Tensor, divergence: tor
     metrics["toward_mu_frac"] = _fraction(result.toward_mu, valid)
     metrics["kept_toward_mu_frac"] = _fraction(result.toward_mu & outside, valid)
     non_empty = valid.any(dim=-1)
-    metrics["delta_b_mean"] = result.delta_b.squeeze(-1)[non_empty].float().mean() if non_empty.any() else (
-        result.delta_b.float().mean()
-    )
+    rates = result.delta_b.squeeze(-1).float()
+    metrics["delta_b_mean"] = rates[non_empty].mean() if non_empty.any() else rates.mean()
     return metrics

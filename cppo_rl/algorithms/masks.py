@@ -99,9 +99,7 @@ def position_weights(response_mask: torch.Tensor, *, w_min: float = 0.8, horizon
             )
         denominator = torch.full((response_mask.shape[0], 1), max(horizon - 1, 1), dtype=torch.float32)
     else:
-        raise ValueError(
-            f"{caller}: `horizon` must be None (padded width), \"sequence\" or an int >= 1, got {horizon!r}"
-        )
+        raise ValueError(f'{caller}: `horizon` must be None (padded width), "sequence" or an int >= 1, got {horizon!r}')
     weights = 1.0 - (1.0 - w_min) * offsets / denominator.to(response_mask.device)
     return torch.where(response_mask, weights, torch.zeros_like(weights))
 

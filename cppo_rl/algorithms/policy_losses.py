@@ -97,9 +97,20 @@ class PolicyLossConfig:
             raise ValueError(
                 f"{caller}: unknown `loss_agg_mode` {self.loss_agg_mode!r}; choose one of {', '.join(LOSS_AGG_MODES)}"
             )
-        for name in ("delta", "is_cap", "log_ratio_clamp", "clip_low", "clip_high", "delta_b_scale",
-                     "cispo_eps_low", "cispo_eps_high", "minpro_eps_low", "minpro_eps_high",
-                     "trm_max_delta", "trm_avg_delta"):
+        for name in (
+            "delta",
+            "is_cap",
+            "log_ratio_clamp",
+            "clip_low",
+            "clip_high",
+            "delta_b_scale",
+            "cispo_eps_low",
+            "cispo_eps_high",
+            "minpro_eps_low",
+            "minpro_eps_high",
+            "trm_max_delta",
+            "trm_avg_delta",
+        ):
             check_positive(name, getattr(self, name), caller)
         check_non_negative("delta_b", self.delta_b, caller)
         if self.adaptive_delta_b:
@@ -113,7 +124,7 @@ class PolicyLossConfig:
         )
         if not valid_horizon:
             raise ValueError(
-                f"{caller}: `horizon` must be None (padded width), \"sequence\" or an int >= 1, got {self.horizon!r}"
+                f'{caller}: `horizon` must be None (padded width), "sequence" or an int >= 1, got {self.horizon!r}'
             )
 
     def replace(self, **changes: object) -> PolicyLossConfig:
@@ -142,9 +153,7 @@ class PolicyLossInputs:
 
     def __post_init__(self) -> None:
         caller = "PolicyLossInputs"
-        _check_token_inputs(
-            caller, self.response_mask, logprobs=self.logprobs, rollout_logprobs=self.rollout_logprobs
-        )
+        _check_token_inputs(caller, self.response_mask, logprobs=self.logprobs, rollout_logprobs=self.rollout_logprobs)
         self.advantages = token_advantages(self.advantages, self.response_mask, caller)
         if (self.topk_logprobs is None) != (self.rollout_topk_logprobs is None):
             raise ValueError(f"{caller}: give both `topk_logprobs` and `rollout_topk_logprobs`, or neither")
@@ -315,7 +324,6 @@ def _trm_loss(
     use_max: bool,
     use_avg: bool,
 ) -> PolicyLossOutput:
-    log_ratio = _log_ratio(inputs, config)
     divergence = token_divergence(inputs, config)
     keep = inputs.response_mask
     if use_max:
@@ -324,9 +332,8 @@ def _trm_loss(
         keep = keep & trm_avg_mask(divergence, inputs.response_mask, delta_avg=config.trm_avg_delta)
     metrics = mask_diagnostics(keep, inputs.response_mask, divergence)
     non_empty = inputs.response_mask.any(dim=-1)
-    metrics["rejected_sequence_frac"] = (
-        (non_empty & ~keep.any(dim=-1)).sum().float() / non_empty.sum().clamp_min(1).float()
-    )
+    rejected = non_empty & ~keep.any(dim=-1)
+    metrics["rejected_sequence_frac"] = rejected.sum().float() / non_empty.sum().clamp_min(1).float()
     return _masked_truncated_is_loss(inputs, config, normaliser, keep, metrics)
 
 
