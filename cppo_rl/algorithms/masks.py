@@ -240,7 +240,8 @@ def cppo_mask_details(
     if prefix_budget:
         prefix_before = _exclusive_cumsum(z)  # S_{t-1}
         weight_before = _exclusive_cumsum(weights)  # W_{t-1}
-        allowance = delta + budget_rate * weight_before  # > 0
+        earned = budget_rate * weight_before  # delta_b W_{t-1}; 0 when W_{t-1} = 0 even if delta_b = inf
+        allowance = delta + torch.where(weight_before > 0, earned, torch.zeros_like(earned))  # > 0
         prefix_ok = z <= allowance - prefix_before
         score = torch.maximum(score, (prefix_before + z) / allowance)
     else:

@@ -1,7 +1,9 @@
 """Policy losses for CPPO and its baselines, one signature, selectable by name.
 
 Every loss takes `(inputs, config, normaliser)` and returns a `PolicyLossOutput` whose `loss` is
-this shard's contribution to the mini-batch loss (see `aggregation.py` for the global normalisers).
+this shard's contribution to the mini-batch loss (see `aggregation.py` for the global normalisers;
+when the normaliser names no horizon and `config.horizon` is an int, that int is the constant of
+`seq-mean-token-sum-norm`).
 
 Loss forms (minimised; rho = exp(clamp(log pi - log mu, -20, 20)); sg = stop-gradient):
   mask family (cppo*, dppo, trm_*):  -A * sg(min(rho, C)) * log pi * M     (C = `is_cap`)
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cppo_rl.algorithms._checks import (
+    check_floating,
     check_in_interval,
     check_non_negative,
     check_positive,
@@ -134,7 +137,8 @@ class PolicyLossConfig:
 
 @dataclass
 class PolicyLossInputs:
-    """One micro-batch as the loss sees it.
+    """One micro-batch as the loss sees it. Padding positions of the [B, T] tensors are set to 0 on
+    creation, so padding may hold any value (NaN, -inf) without reaching a gradient.
 
     logprobs:              float [B, T], log pi(y_t) at the rollout temperature; carries the gradient
     rollout_logprobs:      float [B, T], log mu(y_t) from the rollout engine
@@ -154,10 +158,17 @@ class PolicyLossInputs:
     def __post_init__(self) -> None:
         caller = "PolicyLossInputs"
         _check_token_inputs(caller, self.response_mask, logprobs=self.logprobs, rollout_logprobs=self.rollout_logprobs)
-        self.advantages = token_advantages(self.advantages, self.response_mask, caller)
+        advantages = token_advantages(self.advantages, self.response_mask, caller)
+        # Padding may hold anything (NaN, -inf): zero it here so no gradient can pick it up (0 * NaN = NaN).
+        zero = torch.zeros((), dtype=self.logprobs.dtype, device=self.logprobs.device)
+        self.logprobs = torch.where(self.response_mask, self.logprobs, zero)
+        self.rollout_logprobs = torch.where(self.response_mask, self.rollout_logprobs, zero)
+        self.advantages = torch.where(self.response_mask, advantages, torch.zeros((), dtype=advantages.dtype))
         if (self.topk_logprobs is None) != (self.rollout_topk_logprobs is None):
             raise ValueError(f"{caller}: give both `topk_logprobs` and `rollout_topk_logprobs`, or neither")
         if self.topk_logprobs is not None:
+            check_floating("topk_logprobs", self.topk_logprobs, caller)
+            check_floating("rollout_topk_logprobs", self.rollout_topk_logprobs, caller)
             check_rank("topk_logprobs", self.topk_logprobs, 3, "[B, T, S]", caller)
             check_same_shape(
                 caller,
@@ -220,6 +231,9 @@ def _finish(
     tokens = valid.sum().clamp_min(1)
     metrics["ratio_mean"] = (torch.where(valid, log_ratio.detach().exp(), 0.0).sum() / tokens).float()
     metrics["log_ratio_abs_mean"] = (torch.where(valid, log_ratio.detach().abs(), 0.0).sum() / tokens).float()
+    normaliser = normaliser or LossNormaliser()
+    if normaliser.horizon is None and isinstance(config.horizon, int):
+        normaliser = dataclasses.replace(normaliser, horizon=config.horizon)
     loss = aggregate_loss(token_losses, valid, config.loss_agg_mode, normaliser)
     return PolicyLossOutput(loss=loss, token_losses=token_losses, keep=keep, metrics=metrics)
 

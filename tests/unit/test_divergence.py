@@ -201,8 +201,12 @@ def test_identical_inputs_give_zero(name, dtype):
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 @pytest.mark.parametrize(
     ("in_dtype", "out_dtype"),
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-     (torch.float64, torch.float64)],
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
 )
 def test_results_are_detached_with_expected_dtype_and_shape(name, in_dtype, out_dtype):
     mu_full, pi_full = full_distributions(7, 1.0, 1.0)
@@ -261,8 +265,9 @@ def test_binary_kl_eps_keeps_the_rest_term_finite():
     expected = 0.5 * math.log(0.5) + 0.5 * math.log((0.5 + 1e-8) / 1e-8)
     assert binary_kl(mu, pi).item() == pytest.approx(expected, rel=1e-12)
     # mu = 1 on the sampled token: the rest term vanishes
-    assert binary_kl(torch.tensor([0.0], dtype=torch.float64), torch.tensor([math.log(0.25)], dtype=torch.float64)
-                     ).item() == pytest.approx(math.log(4.0), rel=1e-12)
+    assert binary_kl(
+        torch.tensor([0.0], dtype=torch.float64), torch.tensor([math.log(0.25)], dtype=torch.float64)
+    ).item() == pytest.approx(math.log(4.0), rel=1e-12)
 
 
 def test_binary_estimators_hand_values():
