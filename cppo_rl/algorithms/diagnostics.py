@@ -20,7 +20,7 @@ def _fraction(selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def position_deciles(response_mask: torch.Tensor) -> torch.Tensor:
-    """int64 [B, T]: each position's decile within its own response (0..9); padding gets 0."""
+    """int64 [B, T]: each position's decile within its own response (0..9); padding gets 9 (unused)."""
     lengths = response_lengths(response_mask).clamp_min(1).unsqueeze(-1)
     columns = torch.arange(response_mask.shape[-1], device=response_mask.device).expand(response_mask.shape)
     return (columns * NUM_DECILES // lengths).clamp(max=NUM_DECILES - 1)

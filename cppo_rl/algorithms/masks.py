@@ -70,6 +70,8 @@ def _exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
 
 def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
     """[B] int64: index of the last valid token + 1 (0 for an empty row)."""
+    if response_mask.shape[-1] == 0:
+        return torch.zeros(response_mask.shape[0], dtype=torch.int64, device=response_mask.device)
     positions = torch.arange(1, response_mask.shape[-1] + 1, device=response_mask.device)
     return (positions * response_mask).amax(dim=-1)
 
@@ -141,6 +143,8 @@ def per_sequence_delta_b(
     check_in_interval("quantile", quantile, 0.0, 1.0, caller)
     check_positive("scale", scale, caller)
     masked = torch.where(response_mask, _as_float(divergence), torch.full_like(_as_float(divergence), float("nan")))
+    if masked.numel() == 0:  # nanquantile refuses empty input; every row is empty
+        return torch.full((masked.shape[0], 1), delta_b_min, dtype=masked.dtype, device=masked.device)
     per_row = torch.nanquantile(masked, quantile, dim=-1, keepdim=True)
     per_row = torch.nan_to_num(scale * per_row, nan=delta_b_min)
     return per_row.clamp(min=delta_b_min, max=2 * delta_b_min)
@@ -162,7 +166,8 @@ class CPPOMaskResult:
     prefix_violation:  bool, valid tokens that pass the token rule but break the prefix budget
     weights:           float, the position weights used (0 on padding)
     weighted_divergence: float, `Z_t = w_t D_t` (0 on padding)
-    violation_score:   float, `x_t = max(Z_t / delta, S_t / (delta + delta_b W_{t-1}))` (<= 1 iff inside)
+    violation_score:   float, `x_t = max(Z_t / delta, S_t / (delta + delta_b W_{t-1}))`; <= 1 iff inside
+                       (up to one rounding step at the boundary)
     delta_b:           float [B, 1], the prefix budget per response (constant unless adaptive)
     """
 
@@ -217,6 +222,10 @@ def cppo_mask_details(
     check_positive("delta", delta, caller)
     check_non_negative("delta_b", delta_b, caller)
     check_in_interval("w_min", w_min, 0.0, 1.0, caller, low_open=True)
+    check_in_interval("delta_b_quantile", delta_b_quantile, 0.0, 1.0, caller)
+    check_positive("delta_b_scale", delta_b_scale, caller)
+    if adaptive_delta_b:
+        check_positive("delta_b", delta_b, caller)
 
     valid = response_mask
     d = torch.where(valid, _as_float(divergence), torch.zeros((), dtype=torch.float32))
@@ -367,7 +376,8 @@ def trm_max_mask(divergence: torch.Tensor, response_mask: torch.Tensor, *, delta
     _check_token_inputs(caller, response_mask, divergence=divergence)
     check_positive("delta", delta, caller)
     d = torch.where(response_mask, _as_float(divergence), torch.full_like(_as_float(divergence), -float("inf")))
-    return _broadcast_row_decision(d.amax(dim=-1) <= delta, response_mask)
+    row_max = d.amax(dim=-1) if d.shape[-1] else torch.full(d.shape[:1], -float("inf"), device=d.device)
+    return _broadcast_row_decision(row_max <= delta, response_mask)
 
 
 @torch.no_grad()
