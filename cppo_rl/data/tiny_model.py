@@ -1,0 +1,112 @@
+"""A tiny random-init Qwen3 (a few million parameters) saved like a hub model, tokenizer included.
+
+`build_tiny_model(config, out_dir)` writes `config.json`, `generation_config.json`,
+`model.safetensors` (float32) and the character tokenizer (`cppo_rl.data.tokenizer`), so
+transformers, vLLM and DeepSpeed load the directory exactly as they load `Qwen/Qwen3-1.7B`.
+The weights depend only on the config (the seed included), never on the global RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+from cppo_rl.data.tokenizer import ENDOFTEXT, IM_END, PAD, build_tokenizer
+
+VOCAB_MULTIPLE = 64
+"""The embedding rows are padded to a multiple of this (as real checkpoints pad theirs)."""
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the tiny Qwen3. The defaults give 3.2M parameters (vocab 128 after padding)."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 32
+    intermediate_size: int = 768
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"TinyModelConfig: `{name}` must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TinyModelConfig: `num_heads` ({self.num_heads}) must be a multiple of `num_kv_heads` "
+                f"({self.num_kv_heads}) for grouped-query attention; change one of them"
+            )
+        if self.max_position_embeddings < 16:
+            raise ValueError(
+                f"TinyModelConfig: `max_position_embeddings` must be >= 16, got {self.max_position_embeddings}"
+            )
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def padded_vocab_size(num_tokens: int) -> int:
+    """`num_tokens` rounded up to a multiple of `VOCAB_MULTIPLE`."""
+    return -(-num_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def qwen3_config(config: TinyModelConfig) -> Qwen3Config:
+    """The transformers config of the tiny model (float32, eos = `<|im_end|>`, pad = `<|pad|>`)."""
+    tokenizer = build_tokenizer()
+    return Qwen3Config(
+        vocab_size=padded_vocab_size(len(tokenizer)),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        dtype="float32",
+        architectures=["Qwen3ForCausalLM"],
+    )
+
+
+def init_tiny_model(config: TinyModelConfig) -> Qwen3ForCausalLM:
+    """A random-init float32 model, the same weights for the same config; the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = Qwen3ForCausalLM(qwen3_config(config)).float()
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+    )
+    return model
+
+
+def build_tiny_model(config: TinyModelConfig, out_dir: str | Path) -> Path:
+    """Write the random-init model and its tokenizer into `out_dir` (created if missing); return it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    init_tiny_model(config).save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameter elements (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Learner: chunked logprobs over the vocabulary (`logprobs.py`, pure torch)."""

