@@ -40,3 +40,30 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rollout_workers(ray_local, tiny_model_dir):
+    """Two RolloutWorker actors (vLLM-CPU) on the tiny model, shared by the session's tests.
+
+    A test that changes their weights restores the originals before it ends.
+    """
+    from cppo_rl.rollout.engine import EngineConfig
+    from cppo_rl.rollout.worker import RolloutGroup, start_rollout_workers
+
+    handles = start_rollout_workers(EngineConfig(str(tiny_model_dir), max_model_len=256, seed=0), 2, num_cpus=0.5)
+    yield handles
+    RolloutGroup(handles).shutdown()
+
+
+@pytest.fixture(scope="session")
+def chat_prompt_ids(tiny_model_dir):
+    """Token ids of five chat-templated arithmetic prompts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["Compute 2+3.", "Compute 41-17.", "Compute 9+9.", "Compute 30-4.", "Compute 7+12."]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
+        for p in prompts
+    ]

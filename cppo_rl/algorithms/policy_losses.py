@@ -231,6 +231,8 @@ def _finish(
     tokens = valid.sum().clamp_min(1)
     metrics["ratio_mean"] = (torch.where(valid, log_ratio.detach().exp(), 0.0).sum() / tokens).float()
     metrics["log_ratio_abs_mean"] = (torch.where(valid, log_ratio.detach().abs(), 0.0).sum() / tokens).float()
+    surrogate = -inputs.advantages.detach() * log_ratio.detach().exp() * keep
+    metrics["surrogate"] = (torch.where(valid, surrogate, 0.0).sum() / tokens).float()
     normaliser = normaliser or LossNormaliser()
     if normaliser.horizon is None and isinstance(config.horizon, int):
         normaliser = dataclasses.replace(normaliser, horizon=config.horizon)

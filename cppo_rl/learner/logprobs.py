@@ -94,3 +94,52 @@ def chunked_token_logprobs(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{caller}: `chunk_size` must be an int >= 1, got {chunk_size!r}")
     return _ChunkedTokenLogprobs.apply(hidden, weight, token_ids, float(temperature), chunk_size)
+
+
+class TokenLogprobHead(torch.nn.Module):
+    """Replaces a causal LM's `lm_head`: returns logprobs of chosen ids instead of full logits.
+
+    It owns the lm_head's weight Parameter (tied or not), so ZeRO-3 gathers that weight around this
+    module's forward and backward exactly as it does for the original linear layer.
+    """
+
+    def __init__(self, lm_head: torch.nn.Linear, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        super().__init__()
+        if getattr(lm_head, "bias", None) is not None:
+            raise ValueError("TokenLogprobHead: an lm_head with a bias is not supported")
+        self.weight = lm_head.weight
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[N, H] hidden states, int64 [N, S] ids -> float32 [N, S] logprobs at `temperature`."""
+        return chunked_token_logprobs(hidden, self.weight, token_ids, temperature, self.chunk_size)
+
+
+class LogprobPolicy(torch.nn.Module):
+    """A HF causal LM whose forward returns logprobs of chosen ids at chosen positions.
+
+    Keeps the HF parameter names (`model.*`, `lm_head.weight`), so gathered weights load into vLLM
+    as they are. This is the root module DeepSpeed wraps.
+    """
+
+    def __init__(self, causal_lm: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        super().__init__()
+        self.config = causal_lm.config
+        self.model = causal_lm.model
+        self.lm_head = TokenLogprobHead(causal_lm.lm_head, chunk_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        token_ids: torch.Tensor,
+        temperature: float,
+    ) -> torch.Tensor:
+        """float32 [N, S] logprobs of `token_ids` [N, S] predicted from `hidden[rows, positions]` ([N] each).
+
+        input_ids, attention_mask: int64 [B, L], right-padded sequences (prompt + response).
+        """
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.lm_head(hidden[rows, positions], token_ids, temperature)

@@ -11,7 +11,6 @@ import torch
 pytestmark = pytest.mark.integration
 
 TOLERANCE = 1e-4  # max abs difference, vLLM vs transformers, float32
-PROMPTS = ["Compute 2+3.", "Compute 41-17.", "Compute 9+9.", "Compute 30-4.", "Compute 7+12."]
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +21,13 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(tokenizer):
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
-        for p in PROMPTS
-    ]
+def prompt_ids(chat_prompt_ids):
+    return chat_prompt_ids
 
 
 @pytest.fixture(scope="module")
-def workers(ray_local, tiny_model_dir):
-    from cppo_rl.rollout.engine import EngineConfig
-    from cppo_rl.rollout.worker import RolloutGroup, start_rollout_workers
-
-    config = EngineConfig(str(tiny_model_dir), max_model_len=256, seed=0)
-    handles = start_rollout_workers(config, 2, num_cpus=0.5)
-    yield handles
-    RolloutGroup(handles).shutdown()
+def workers(rollout_workers):
+    return rollout_workers
 
 
 def _hf_model(model_dir):

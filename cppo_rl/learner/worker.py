@@ -1,0 +1,429 @@
+"""The learner: DeepSpeed ZeRO-3 ranks that train the policy on rollout batches.
+
+`LearnerWorker` is one rank (a plain class; `LearnerGroup` runs one per Ray actor). The ranks form a
+torch.distributed group themselves (gloo on CPU, nccl on GPU) and wrap the policy in ZeRO stage 3.
+
+One `train_on_batch(batch)`: the batch (N responses, prompt groups adjacent) is cut into
+`updates_per_rollout` contiguous mini-batches; each rank takes a contiguous 1/world share of a
+mini-batch and runs it in micro-batches of `micro_batch_size` responses, then the optimizer steps
+once per mini-batch. Each micro-batch: chunked log pi at the sampled token and at mu's token set
+(no [B, T, V] logits), the policy loss from the registry, backward.
+
+Normalisation is global: every rank sees the whole batch, so the mini-batch's token and sequence
+counts are known without communication; each micro-batch loss is its *sum* over those global
+counts, multiplied by the world size to undo DeepSpeed's averaging across ranks and backpropagated
+without DeepSpeed's division by the accumulation steps. The gradient is then the exact gradient of
+the mini-batch loss whatever the micro-batch size or world size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cppo_rl.algorithms import LossNormaliser, PolicyLossConfig, PolicyLossInputs, get_policy_loss, local_counts
+from cppo_rl.algorithms.divergence import topk_tv
+from cppo_rl.batch import RolloutBatch
+from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE, LogprobPolicy
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Learner settings (sizes in responses, not prompts).
+
+    model_path:             HF directory (or hub name) of the initial policy
+    responses_per_step:     N of one rollout batch (prompts per step x samples per prompt)
+    updates_per_rollout:    optimizer steps per rollout batch (the off-policy degree)
+    micro_batch_size:       responses per forward/backward on one rank
+    backend, dtype:         "auto": nccl + bfloat16 on GPU, gloo + float32 on CPU
+    optimizer:              "adamw", or "sgd" (plain gradient descent, for checks)
+    lr, weight_decay, betas, grad_clip: AdamW and clipping (grad_clip 0 = off)
+    warmup_steps, lr_schedule, total_steps: linear warm-up, then "constant" or "cosine" to 0 at total_steps
+    temperature:            the rollout temperature, applied to the learner's logits
+    anchor:                 "rollout": trust region around mu's logprobs; "recompute": around the
+                            learner's own logprobs before the first update of each batch
+    logprob_chunk_size:     positions per chunk of the vocabulary projection
+    gradient_checkpointing: recompute activations in backward
+    seed:                   torch seed of every rank
+    """
+
+    model_path: str
+    responses_per_step: int
+    updates_per_rollout: int = 1
+    micro_batch_size: int = 8
+    backend: str = "auto"
+    dtype: str = "auto"
+    optimizer: str = "adamw"
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    total_steps: int = 1000
+    temperature: float = 1.0
+    anchor: str = "rollout"
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def micro_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per mini-batch; raises naming the sizes that do not divide."""
+        caller = "LearnerConfig"
+        minibatch, remainder = divmod(self.responses_per_step, self.updates_per_rollout)
+        if remainder or minibatch == 0:
+            raise ValueError(
+                f"{caller}: responses_per_step={self.responses_per_step} is not a multiple of "
+                f"updates_per_rollout={self.updates_per_rollout}; change the batch or the number of updates"
+            )
+        share, remainder = divmod(minibatch, world_size)
+        if remainder or share == 0:
+            raise ValueError(
+                f"{caller}: a mini-batch of {minibatch} responses does not split over {world_size} learner ranks; "
+                "make responses_per_step / updates_per_rollout a multiple of the number of ranks"
+            )
+        steps, remainder = divmod(share, self.micro_batch_size)
+        if remainder or steps == 0:
+            raise ValueError(
+                f"{caller}: a rank's {share} responses per mini-batch are not a multiple of "
+                f"micro_batch_size={self.micro_batch_size}; choose a micro_batch_size dividing {share}"
+            )
+        return steps
+
+    def __post_init__(self) -> None:
+        caller = "LearnerConfig"
+        choices = {
+            "backend": ("auto", "gloo", "nccl"),
+            "dtype": ("auto", "float32", "bfloat16"),
+            "optimizer": ("adamw", "sgd"),
+            "lr_schedule": ("constant", "cosine"),
+            "anchor": ("rollout", "recompute"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{caller}: `{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("responses_per_step", "updates_per_rollout", "micro_batch_size", "total_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{caller}: `{name}` must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.temperature > 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"{caller}: need lr > 0, temperature > 0, grad_clip >= 0, warmup_steps >= 0; got lr={self.lr}, "
+                f"temperature={self.temperature}, grad_clip={self.grad_clip}, warmup_steps={self.warmup_steps}"
+            )
+
+
+@dataclass
+class _Shard:
+    """One rank's part of one mini-batch, and the mini-batch's global counts."""
+
+    batch: RolloutBatch
+    normaliser: LossNormaliser
+    first: bool  # the batch's first mini-batch (the weights still equal the rollout's)
+    anchor: tuple[torch.Tensor, torch.Tensor] | None = field(default=None)
+
+
+class LearnerWorker:
+    """One ZeRO-3 rank. Construct on every rank, then call `setup` on all of them together."""
+
+    def __init__(self, config: LearnerConfig, loss_name: str, loss_config: PolicyLossConfig, rank: int, world: int):
+        self.config, self.rank, self.world_size = config, rank, world
+        self.loss_fn = get_policy_loss(loss_name)
+        self.loss_config = loss_config
+        self.engine = None
+        self.steps = 0
+
+    @staticmethod
+    def free_address() -> tuple[str, int]:
+        """This node's IP and a free TCP port: the rendezvous address when this is rank 0."""
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group and build the ZeRO-3 engine (a collective: all ranks at once)."""
+        on_gpu = torch.cuda.is_available()
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0" if on_gpu else str(self.rank),
+            LOCAL_SIZE="1" if on_gpu else str(self.world_size),
+        )
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        config = self.config
+        backend = config.backend if config.backend != "auto" else ("nccl" if on_gpu else "gloo")
+        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        deepspeed.init_distributed(dist_backend=backend)
+        torch.manual_seed(config.seed)
+        micro_steps = config.micro_steps(self.world_size)
+        self._micro_steps_total = micro_steps * self.world_size
+        ds_config = {
+            "train_micro_batch_size_per_gpu": config.micro_batch_size,
+            "gradient_accumulation_steps": micro_steps,
+            "gradient_clipping": config.grad_clip,
+            "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True},
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "zero_allow_untested_optimizer": config.optimizer == "sgd",  # torch SGD: exact, for checks
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained partition the weights (ZeRO-3 init)
+        model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=getattr(torch, dtype))
+        del keep_alive
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model = LogprobPolicy(model, config.logprob_chunk_size)
+        optimizer = self._optimizer(model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        config = self.config
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=config.lr)
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+    def _lr_factor(self, step: int) -> float:
+        config = self.config
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def train_on_batch(self, batch: RolloutBatch) -> dict[str, float]:
+        """`updates_per_rollout` optimizer steps on `batch` (which must carry advantages).
+
+        Returns metrics averaged over the batch's valid tokens (all ranks), including
+        `rollout_learner_logprob_mismatch` (mean |log mu - log pi| on the first mini-batch before its
+        update) and `rollout_learner_topk_tv`.
+        """
+        if batch.advantages is None:
+            raise ValueError("LearnerWorker.train_on_batch: the batch has no advantages; compute them first")
+        if batch.num_responses != self.config.responses_per_step:
+            raise ValueError(
+                f"LearnerWorker.train_on_batch: got {batch.num_responses} responses, configured for "
+                f"responses_per_step={self.config.responses_per_step}"
+            )
+        shards = self._shards(batch)
+        if self.config.anchor == "recompute":
+            for shard in shards:
+                shard.anchor = self._recompute_anchor(shard.batch)
+        self.engine.train()
+        totals: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            for start in range(0, shard.batch.num_responses, self.config.micro_batch_size):
+                micro = shard.batch.select(range(start, start + self.config.micro_batch_size))
+                anchor = None
+                if shard.anchor is not None:
+                    anchor = tuple(
+                        a[start : start + self.config.micro_batch_size, : micro.response_ids.shape[1]]
+                        for a in shard.anchor
+                    )
+                metrics = self._micro_step(micro, shard, anchor)
+                for name, value in metrics.items():
+                    totals[name] = totals.get(name, torch.zeros(2)) + value
+            self.steps += 1
+        return self._reduce_metrics(totals)
+
+    def _shards(self, batch: RolloutBatch) -> list[_Shard]:
+        size = batch.num_responses // self.config.updates_per_rollout
+        share = size // self.world_size
+        shards = []
+        for update in range(self.config.updates_per_rollout):
+            minibatch = batch.select(range(update * size, (update + 1) * size))
+            tokens, sequences = local_counts(minibatch.response_mask)
+            normaliser = LossNormaliser(num_tokens=tokens, num_sequences=sequences)
+            mine = minibatch.select(range(self.rank * share, (self.rank + 1) * share))
+            shards.append(_Shard(batch=mine, normaliser=normaliser, first=update == 0))
+        return shards
+
+    def _micro_step(
+        self, micro: RolloutBatch, shard: _Shard, anchor: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        set_logprobs = self._set_logprobs(micro)
+        mu_sampled, mu_set = anchor if anchor is not None else (micro.rollout_logprobs, micro.topk_logprobs)
+        inputs = PolicyLossInputs(
+            logprobs=set_logprobs[..., 0],
+            rollout_logprobs=mu_sampled,
+            advantages=micro.advantages,
+            response_mask=micro.response_mask,
+            topk_logprobs=set_logprobs,
+            rollout_topk_logprobs=mu_set,
+        )
+        output = self.loss_fn(inputs, self.loss_config, shard.normaliser)
+        self.engine.backward(output.loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()
+        tokens = micro.response_mask.sum().float()
+        metrics = {
+            name: torch.stack([value.detach().float() * tokens, tokens])
+            for name, value in output.metrics.items()
+            if torch.isfinite(value)
+        }
+        # summed over micro-batches and ranks, then divided by the update count: the mean mini-batch loss
+        metrics["loss"] = torch.stack([output.loss.detach().float(), torch.tensor(1.0 / self._micro_steps_total)])
+        if shard.first:
+            valid = micro.response_mask
+            gap = (set_logprobs[..., 0].detach() - micro.rollout_logprobs).abs()[valid].sum()
+            tv = topk_tv(micro.topk_logprobs, set_logprobs.detach())[valid].sum()
+            metrics["rollout_learner_logprob_mismatch"] = torch.stack([gap, tokens])
+            metrics["rollout_learner_topk_tv"] = torch.stack([tv, tokens])
+        return metrics
+
+    def _set_logprobs(self, micro: RolloutBatch) -> torch.Tensor:
+        """float32 [B, T, S] log pi at `micro.topk_ids` (slot 0: the sampled token), -inf at unused slots."""
+        device = self.engine.device
+        prompts = [len(p) for p in micro.prompt_ids]
+        lengths = micro.response_lengths.tolist()
+        width = max(p + r for p, r in zip(prompts, lengths, strict=True))
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.int64)
+        attention = torch.zeros(len(prompts), width, dtype=torch.int64)
+        for row, (prompt, length) in enumerate(zip(prompts, lengths, strict=True)):
+            input_ids[row, :prompt] = torch.tensor(micro.prompt_ids[row])
+            input_ids[row, prompt : prompt + length] = micro.response_ids[row, :length]
+            attention[row, : prompt + length] = 1
+        valid = micro.response_mask
+        rows, columns = valid.nonzero(as_tuple=True)
+        positions = torch.tensor(prompts)[rows] - 1 + columns  # the hidden state that predicts token t
+        logprobs = self.engine(
+            input_ids.to(device),
+            attention.to(device),
+            rows.to(device),
+            positions.to(device),
+            micro.topk_ids[valid].to(device),
+            self.config.temperature,
+        )
+        out = torch.full(micro.topk_ids.shape, -float("inf"), dtype=torch.float32, device=device)
+        out[valid.to(device)] = logprobs
+        return out.cpu() if device.type != "cpu" else out
+
+    def _recompute_anchor(self, shard: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learner's own (sampled, set) logprobs of a shard before any update of this batch."""
+        set_logprobs = self.logprobs(shard)
+        return torch.where(shard.response_mask, set_logprobs[..., 0], torch.zeros(())), set_logprobs
+
+    def _reduce_metrics(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Token-weighted means over all ranks (one all-reduce)."""
+        import torch.distributed as dist
+
+        names = sorted(totals)
+        stacked = torch.stack([totals[name] for name in names]) if names else torch.zeros(0, 2)
+        if self.world_size > 1:
+            dist.all_reduce(stacked)
+        return {
+            name: float(value / count)
+            for name, (value, count) in zip(names, stacked.tolist(), strict=True)
+            if count > 0
+        }
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """float32 [N, T, S] log pi at `batch.topk_ids` with the current weights (all ranks must call;
+        each computes the whole batch, since ZeRO-3 forwards are collective)."""
+        self.engine.eval()
+        size = self.config.micro_batch_size
+        width = batch.response_ids.shape[1]
+        pieces = [
+            self._set_logprobs(batch.select(range(s, min(s + size, batch.num_responses))))
+            for s in range(0, batch.num_responses, size)
+        ]
+        return torch.cat(
+            [torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1]), value=-float("inf")) for p in pieces]
+        )
+
+    # -- weights --------------------------------------------------------------------------------------
+
+    def gather_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Full (unpartitioned) parameters by HF name, on rank 0; [] on other ranks. All ranks must call."""
+        import deepspeed
+
+        wanted = set(names) if names is not None else None
+        gathered = []
+        for name, parameter in self.engine.module.named_parameters():
+            if wanted is not None and name not in wanted:
+                continue
+            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+                if self.rank == 0:
+                    gathered.append((name, parameter.detach().clone().cpu()))
+        return gathered
+
+    def learning_rate(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+class LearnerGroup:
+    """`world_size` LearnerWorker ranks as Ray actors, set up together; calls fan out to every rank."""
+
+    def __init__(
+        self,
+        config: LearnerConfig,
+        loss_name: str,
+        loss_config: PolicyLossConfig,
+        world_size: int,
+        *,
+        num_cpus_per_rank: float = 1.0,
+        use_gpu: bool = False,
+        scheduling_strategies: Sequence[object] | None = None,
+    ) -> None:
+        import ray
+
+        config.micro_steps(world_size)  # fail before any actor starts
+        actor_class = ray.remote(LearnerWorker)
+        env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus_per_rank)))}
+        if not use_gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+        self.workers = []
+        for rank in range(world_size):
+            options = {"num_cpus": num_cpus_per_rank, "num_gpus": 1 if use_gpu else 0, "runtime_env": {"env_vars": env}}
+            if scheduling_strategies is not None:
+                options["scheduling_strategy"] = scheduling_strategies[rank]
+            self.workers.append(actor_class.options(**options).remote(config, loss_name, loss_config, rank, world_size))
+        address, port = ray.get(self.workers[0].free_address.remote())
+        ray.get([worker.setup.remote(address, port) for worker in self.workers])
+
+    def _all(self, method: str, *args: object) -> list:
+        import ray
+
+        return ray.get([getattr(worker, method).remote(*args) for worker in self.workers])
+
+    def train_on_batch(self, batch: RolloutBatch) -> dict[str, float]:
+        """Train every rank on `batch` (one object-store copy); the metrics of rank 0 (already all-reduced)."""
+        import ray
+
+        return self._all("train_on_batch", ray.put(batch))[0]
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """float32 [N, T, S] log pi at the batch's token sets, current weights."""
+        import ray
+
+        return self._all("logprobs", ray.put(batch))[0]
+
+    def gather_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The full parameters by HF name (gathered on rank 0)."""
+        return self._all("gather_weights")[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
