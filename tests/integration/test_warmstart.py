@@ -1,0 +1,37 @@
+"""The supervised warm-start: it trains, and its result is cached by config hash (small budget here)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_warm_start_trains_and_is_cached(tmp_path, tiny_model_shape):
+    from transformers import AutoModelForCausalLM
+
+    from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
+    from cppo_rl.data.tiny_model import TinyModelConfig
+    from cppo_rl.data.warmstart import WarmStartConfig, config_hash, ensure_warm_model
+
+    model = TinyModelConfig(**tiny_model_shape)
+    task = ArithmeticTaskConfig(train_size=64, test_size=8)
+    train = WarmStartConfig(batch_size=8, lr=3e-3, max_steps=20, eval_every=10, eval_prompts=8, eval_samples=1)
+    first = ensure_warm_model(model, task, train, cache_dir=tmp_path, log=lambda _: None)
+    assert first.built
+    assert first.path.name == config_hash(model, task, train)
+    history = first.record["history"]
+    assert [h["step"] for h in history] == [10, 20]
+    assert history[1]["loss"] < history[0]["loss"]
+    assert first.record["steps"] == 20
+    AutoModelForCausalLM.from_pretrained(first.path)  # a complete, loadable model directory
+
+    second = ensure_warm_model(model, task, train, cache_dir=tmp_path, log=lambda _: None)
+    assert not second.built
+    assert second.path == first.path and second.record == first.record
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [first.path.name]  # no staging left behind
+
+    other = ensure_warm_model(
+        model, task, WarmStartConfig(**{**train.to_dict(), "seed": 1}), cache_dir=tmp_path, log=lambda _: None
+    )
+    assert other.built and other.path != first.path

@@ -1,0 +1,114 @@
+"""The generated arithmetic task and the character tokenizer (fast, no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cppo_rl.data.arithmetic_task import (
+    ArithmeticTaskConfig,
+    extract_boxed_int,
+    generate_splits,
+    grade,
+    write_dataset,
+)
+from cppo_rl.data.tokenizer import IM_END, build_tokenizer, check_text
+
+SMALL = ArithmeticTaskConfig(train_size=300, test_size=50, max_operations=3, operators="+-", seed=3)
+
+
+def test_splits_are_deterministic_disjoint_and_sized():
+    first, second = generate_splits(SMALL), generate_splits(SMALL)
+    assert first == second
+    assert len(first["train"]) == 300 and len(first["test"]) == 50
+    assert not {p.prompt for p in first["train"]} & {p.prompt for p in first["test"]}
+    assert len({p.prompt for p in first["train"]}) == 300  # no duplicates
+
+
+def test_test_split_does_not_depend_on_train_size():
+    bigger = ArithmeticTaskConfig(**{**SMALL.to_dict(), "train_size": 600})
+    assert generate_splits(bigger)["test"] == generate_splits(SMALL)["test"]
+
+
+def test_completions_are_correct_worked_solutions():
+    for problem in generate_splits(SMALL)["train"]:
+        expression = problem.prompt.removeprefix("Compute ").removesuffix(".")
+        assert eval(expression) == int(problem.answer)  # only digits, + and -
+        assert problem.completion.endswith(f"\\boxed{{{problem.answer}}}")
+        assert grade(problem.completion, problem.answer) == 1.0
+        for step in problem.completion.split(" ")[:-1]:
+            left, right = step.rstrip(".").split("=")
+            assert eval(left) == int(right)
+        assert int(problem.answer) >= 0  # allow_negative=False
+
+
+def test_difficulty_knob_lengthens_the_working():
+    short = generate_splits(ArithmeticTaskConfig(train_size=50, test_size=10))["train"]
+    long = generate_splits(
+        ArithmeticTaskConfig(train_size=50, test_size=10, min_operations=20, max_operations=20, operators="+-")
+    )["train"]
+    assert max(len(p.completion) for p in short) < 30
+    assert min(len(p.completion) for p in long) > 150  # a few hundred tokens: one per character
+    assert all(p.completion.count("=") == 20 for p in long)
+
+
+def test_dataset_rows_have_the_shared_schema(tmp_path):
+    paths = write_dataset(SMALL, tmp_path)
+    for split, path in paths.items():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert len(rows) == (300 if split == "train" else 50)
+        assert all(list(row) == ["prompt", "answer", "data_source", "id"] for row in rows)
+        assert all(isinstance(v, str) for row in rows for v in row.values())
+        assert [row["id"] for row in rows] == [str(i) for i in range(len(rows))]
+        assert {row["data_source"] for row in rows} == {"arithmetic"}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"min_operand": 5, "max_operand": 2}, "`min_operand` <= `max_operand`"),
+        ({"min_operations": 0}, "1 <= `min_operations`"),
+        ({"operators": "*"}, "`operators` must be"),
+        ({"train_size": -1}, "`train_size` and `test_size` must be >= 0"),
+        ({"max_operand": 3, "train_size": 100}, "exceeds the"),
+        ({"data_source": "a/b"}, "plain folder name"),
+    ],
+)
+def test_bad_task_settings_name_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        ArithmeticTaskConfig(**change)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24+48=72. \\boxed{72}", 72),
+        ("\\boxed{3} then \\boxed{ -5 }", -5),
+        ("no box here", None),
+        ("\\boxed{x}", None),
+    ],
+)
+def test_boxed_answer_extraction(text, expected):
+    assert extract_boxed_int(text) == expected
+
+
+def test_tokenizer_round_trips_every_task_string_and_applies_the_chat_template():
+    tokenizer = build_tokenizer()
+    for problem in generate_splits(SMALL)["test"]:
+        for text in (problem.prompt, problem.completion):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert len(ids) == len(text)  # one token per character
+            assert tokenizer.decode(ids) == text
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Compute 1+2."}], add_generation_prompt=True)[
+        "input_ids"
+    ]
+    assert tokenizer.decode(ids) == "<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.eos_token == IM_END
+
+
+def test_unknown_characters_are_reported():
+    with pytest.raises(ValueError, match="é"):
+        check_text("Compute é+1.")
+    tokenizer = build_tokenizer()
+    assert tokenizer.decode(tokenizer.encode("é", add_special_tokens=False), skip_special_tokens=True) == ""
