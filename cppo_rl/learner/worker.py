@@ -30,6 +30,8 @@ from cppo_rl.algorithms import LossNormaliser, PolicyLossConfig, PolicyLossInput
 from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE, LogprobPolicy
+from cppo_rl.sync.buckets import BucketPlan, plan_buckets
+from cppo_rl.sync.transport import join_sync_group
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,31 @@ class LearnerWorker:
                 if self.rank == 0:
                     gathered.append((name, parameter.detach().clone().cpu()))
         return gathered
+
+    def weight_plan(self, budget_bytes: int) -> BucketPlan:
+        """The bucket plan of a weight sync: every parameter, full (unpartitioned) shapes, HF names."""
+        specs = [
+            (name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for name, p in self.engine.module.named_parameters()
+        ]
+        return plan_buckets(specs, budget_bytes)
+
+    def join_weight_sync(self, address: str, port: int, world_size: int) -> None:
+        """Rank 0 only: join the weight-sync group as its rank 0 (the rollout workers are 1..E)."""
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self._sync_group = join_sync_group(address, port, 0, world_size, backend)
+
+    def broadcast_weights(self, plan: BucketPlan) -> None:
+        """All ranks: gather each bucket's parameters (ZeRO-3 collective); rank 0 packs it into one flat
+        buffer and broadcasts it to the rollout workers with one collective."""
+        import deepspeed
+
+        parameters = dict(self.engine.module.named_parameters())
+        for bucket in plan.buckets:
+            members = [parameters[slot.name] for slot in bucket.slots]
+            with deepspeed.zero.GatheredParameters(members, modifier_rank=None):
+                if self.rank == 0:
+                    flat = bucket.pack([p.detach() for p in members], self.engine.device)
+                    self._sync_group.broadcast(flat, 0).wait()
 
     def learning_rate(self) -> float:
         return float(self.engine.get_lr()[0])

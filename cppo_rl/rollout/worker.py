@@ -16,6 +16,8 @@ import torch
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.rollout.engine import EngineConfig, RolloutEngine
 from cppo_rl.rollout.sampling import SamplingConfig
+from cppo_rl.sync.buckets import BucketPlan
+from cppo_rl.sync.transport import join_sync_group, receive_buckets
 
 
 class RolloutWorker(RolloutEngine):
@@ -24,6 +26,16 @@ class RolloutWorker(RolloutEngine):
     def ready(self) -> int:
         """The engine's policy version; returns once the engine has started."""
         return self.policy_version
+
+    def join_weight_sync(self, address: str, port: int, rank: int, world_size: int) -> None:
+        """Join the weight-sync group as `rank` (1..E; the learner's rank 0 is rank 0)."""
+        backend = "gloo" if self.on_cpu else "nccl"
+        self._sync_group = join_sync_group(address, port, rank, world_size, backend)
+
+    def receive_weights(self, plan: BucketPlan, version: int) -> None:
+        """Receive one sync's buckets from the learner and load them in place."""
+        device = "cpu" if self.on_cpu else "cuda"
+        self.update_weights(receive_buckets(self._sync_group, plan, device), version)
 
 
 def start_rollout_workers(

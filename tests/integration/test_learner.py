@@ -49,6 +49,7 @@ def _flat(weights):
 def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids, tiny_model_dir):
     from cppo_rl.rollout.sampling import SamplingConfig
     from cppo_rl.rollout.worker import RolloutGroup
+    from cppo_rl.sync.weight_sync import WeightSync
 
     batch = _rollout(rollout_workers, chat_prompt_ids)
     # DPPO with delta = 1 keeps every token (TV <= 1): a fixed mask, so the surrogate -A rho must fall
@@ -70,11 +71,18 @@ def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids
         assert [n for n, _ in trained] == [n for n, _ in original]
         assert (_flat(trained) - _flat(original)).abs().max() > 1e-4
 
-        group.update_weights(trained, version=1)
-        fresh = group.generate(chat_prompt_ids[:4], SamplingConfig(n=N_SAMPLES, max_tokens=16, logprobs_k=5, seed=9))
-        learner_logprobs = learner.logprobs(fresh)
-        used = fresh.topk_ids >= 0
-        assert (learner_logprobs[used] - fresh.topk_logprobs[used]).abs().max() < 1e-4
+        sampling = SamplingConfig(n=N_SAMPLES, max_tokens=16, logprobs_k=5, seed=9)
+        for version, transport in enumerate(("collective", "object_store"), start=1):
+            if version == 2:
+                group.update_weights(original, version=0)  # the object store must really move the weights
+            sync = WeightSync(learner, group, transport, bucket_bytes=64 << 10)
+            assert len(sync.plan.buckets) > 1 and sync.plan.names == [n for n, _ in trained]
+            stats = sync.sync(version)
+            assert stats.nbytes == sum(t.numel() * t.element_size() for _, t in trained)
+            fresh = group.generate(chat_prompt_ids[:4], sampling)
+            assert fresh.policy_version == version
+            used = fresh.topk_ids >= 0
+            assert (learner.logprobs(fresh)[used] - fresh.topk_logprobs[used]).abs().max() < 1e-4, transport
     finally:
         group.update_weights(original, version=0)
         learner.shutdown()
