@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from cppo_rl.algorithms import LossNormaliser, PolicyLossConfig, PolicyLossInputs, get_policy_loss, local_counts
 from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
+from cppo_rl.learner.checkpoint import finalize, staging_dir
 from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE, LogprobPolicy
 from cppo_rl.sync.buckets import BucketPlan, plan_buckets
 from cppo_rl.sync.transport import join_sync_group
@@ -393,6 +396,49 @@ class LearnerWorker:
                     flat = bucket.pack([p.detach() for p in members], self.engine.device)
                     self._sync_group.broadcast(flat, 0).wait()
 
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def save_checkpoint(self, root: str, step: int) -> str | None:
+        """All ranks: write DeepSpeed state (model, optimizer, scheduler, RNG) and a consolidated HF
+        directory into a staging folder, then (rank 0) rename it into place. Returns the path on rank 0."""
+        import torch.distributed as dist
+
+        staged = staging_dir(root, step)
+        if self.rank == 0:
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.mkdir(parents=True)
+        dist.barrier()
+        client_state = {"learner_steps": self.steps, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(str(staged / "deepspeed"), tag="state", client_state=client_state)
+        weights = self.gather_weights()
+        if self.rank == 0:
+            self._save_hf(staged / "hf", weights)
+        dist.barrier()
+        return str(finalize(root, step, {"learner_steps": self.steps})) if self.rank == 0 else None
+
+    def _save_hf(self, directory: Path, weights: list[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer, GenerationConfig
+
+        directory.mkdir(parents=True)
+        save_file({name: t.contiguous() for name, t in weights}, directory / "model.safetensors", {"format": "pt"})
+        self.engine.module.config.save_pretrained(directory)
+        for loader in (AutoTokenizer, GenerationConfig):
+            try:
+                loader.from_pretrained(self.config.model_path).save_pretrained(directory)
+            except OSError:  # the source model has no tokenizer / generation config
+                continue
+
+    def load_checkpoint(self, path: str) -> int:
+        """All ranks: restore model, optimizer, scheduler and RNG from a complete checkpoint; returns its
+        learner step count."""
+        _, client_state = self.engine.load_checkpoint(
+            str(Path(path) / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        self.steps = client_state["learner_steps"]
+        torch.set_rng_state(client_state["torch_rng"])
+        return self.steps
+
     def learning_rate(self) -> float:
         return float(self.engine.get_lr()[0])
 
@@ -447,6 +493,14 @@ class LearnerGroup:
     def gather_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The full parameters by HF name (gathered on rank 0)."""
         return self._all("gather_weights")[0]
+
+    def save_checkpoint(self, root: str, step: int) -> str:
+        """A complete checkpoint of every rank under `root` (see `checkpoint.py`); returns its path."""
+        return self._all("save_checkpoint", root, step)[0]
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore every rank from checkpoint `path`; returns the learner step count."""
+        return self._all("load_checkpoint", path)[0]
 
     def shutdown(self) -> None:
         import ray

@@ -103,3 +103,33 @@ def test_update_does_not_depend_on_world_size_or_micro_batch(rollout_workers, ch
     assert scale > 0
     for other in updates[1:]:
         assert (other - updates[0]).abs().max() <= 1e-5 * scale + 1e-7
+
+
+def test_checkpoint_round_trip_resumes_exactly(rollout_workers, chat_prompt_ids, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cppo_rl.learner.checkpoint import latest_checkpoint, staging_dir
+
+    batch = _rollout(rollout_workers, chat_prompt_ids, seed=3)
+    learner = _learner(tiny_model_dir, world_size=2, micro_batch_size=4, lr=1e-3)
+    try:
+        learner.train_on_batch(batch)
+        path = learner.save_checkpoint(str(tmp_path), step=1)
+        saved = dict(learner.gather_weights())
+        learner.train_on_batch(batch)
+        uninterrupted = _flat(learner.gather_weights())
+    finally:
+        learner.shutdown()
+    staging_dir(tmp_path, 2).mkdir()  # a checkpoint that crashed half-way is never picked
+    assert str(latest_checkpoint(tmp_path)) == path
+    hf = AutoModelForCausalLM.from_pretrained(f"{path}/hf")  # the consolidated HF directory loads
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+    resumed = _learner(tiny_model_dir, world_size=2, micro_batch_size=4, lr=1e-3)
+    try:
+        assert resumed.load_checkpoint(path) == 2  # two optimizer steps (2 updates per rollout) were saved
+        resumed.train_on_batch(batch)
+        assert (_flat(resumed.gather_weights()) - uninterrupted).abs().max() < 1e-6
+    finally:
+        resumed.shutdown()

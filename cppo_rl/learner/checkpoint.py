@@ -1,0 +1,67 @@
+"""The checkpoint directory protocol: a checkpoint is either complete or invisible.
+
+Layout under a run's checkpoint root:
+    step_000010/            a complete checkpoint (renamed into place only when fully written)
+        deepspeed/          DeepSpeed shards: model, optimizer, scheduler, client state (each rank)
+        hf/                 a consolidated HF model directory (vLLM and transformers load it)
+        complete.json       written last, before the rename: step and metadata
+    .staging-step_000010/   a checkpoint being written (ignored; removed by `clean_staging`)
+    latest                  the name of the newest complete checkpoint (replaced atomically)
+
+A crash at any point leaves either the previous `latest` or the new one, never a half checkpoint.
+Multi-node runs need the root on a filesystem every learner rank can write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+MARKER = "complete.json"
+LATEST = "latest"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def staging_dir(root: str | Path, step: int) -> Path:
+    """Where checkpoint `step` is written before it is complete."""
+    return Path(root) / f".staging-{checkpoint_name(step)}"
+
+
+def finalize(root: str | Path, step: int, metadata: dict) -> Path:
+    """Mark the staged checkpoint complete, rename it into place and point `latest` at it."""
+    root = Path(root)
+    staged, final = staging_dir(root, step), root / checkpoint_name(step)
+    (staged / MARKER).write_text(json.dumps({"step": step, **metadata}, indent=2))
+    if final.exists():  # an earlier run wrote this step; the new one replaces it
+        shutil.rmtree(final)
+    os.rename(staged, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / LATEST)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None. Falls back to scanning when the
+    `latest` pointer is missing or names something incomplete."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / MARKER).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / MARKER).is_file()) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def clean_staging(root: str | Path) -> list[Path]:
+    """Remove half-written checkpoints left by a crash; returns what was removed."""
+    removed = sorted(Path(root).glob(".staging-*")) if Path(root).is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
