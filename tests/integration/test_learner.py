@@ -25,7 +25,18 @@ def _rollout(rollout_workers, chat_prompt_ids, seed=5):
     return batch
 
 
-def _learner(model_dir, world_size, micro_batch_size, *, loss="cppo", optimizer="adamw", lr=1e-3, updates=2, **algo):
+def _learner(
+    model_dir,
+    world_size,
+    micro_batch_size,
+    *,
+    loss="cppo",
+    optimizer="adamw",
+    lr=1e-3,
+    updates=2,
+    checkpointing=False,
+    **algo,
+):
     from cppo_rl.algorithms import default_config
     from cppo_rl.learner.worker import LearnerConfig, LearnerGroup
 
@@ -38,6 +49,7 @@ def _learner(model_dir, world_size, micro_batch_size, *, loss="cppo", optimizer=
         lr=lr,
         grad_clip=0.0,
         weight_decay=0.0,
+        gradient_checkpointing=checkpointing,
     )
     return LearnerGroup(config, loss, default_config(loss, **algo), world_size, num_cpus_per_rank=0.5)
 
@@ -88,11 +100,15 @@ def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids
         learner.shutdown()
 
 
-def test_update_does_not_depend_on_world_size_or_micro_batch(rollout_workers, chat_prompt_ids, tiny_model_dir):
+def test_update_does_not_depend_on_world_size_micro_batch_or_checkpointing(
+    rollout_workers, chat_prompt_ids, tiny_model_dir
+):
     batch = _rollout(rollout_workers, chat_prompt_ids, seed=7)
     updates = []
-    for world_size, micro in ((1, 8), (2, 4), (2, 1)):
-        learner = _learner(tiny_model_dir, world_size, micro, optimizer="sgd", lr=1.0, updates=2)
+    for world_size, micro, checkpointing in ((1, 8, False), (2, 4, False), (2, 1, False), (1, 4, True)):
+        learner = _learner(
+            tiny_model_dir, world_size, micro, optimizer="sgd", lr=1.0, updates=2, checkpointing=checkpointing
+        )
         try:
             before = _flat(learner.gather_weights())
             learner.train_on_batch(batch)
