@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(DEVICE)
 CACHE_DIR := $(CURDIR)/.cache
 PYTEST_ARGS ?=
+ARGS ?=
 BENCH ?=
 
 ifeq ($(DEVICE),cpu)
@@ -59,8 +60,7 @@ format: setup
 	$(BIN)/ruff format .
 
 train: setup
-	@echo "make train: the main job (controller, issue 5) is not built yet; the algorithm core is in cppo_rl/algorithms." >&2
-	@exit 1
+	$(BIN)/python -m cppo_rl.train $(ARGS)
 
 bench: setup
 	@echo "make bench: no benchmarks are built yet (issue 7)." >&2

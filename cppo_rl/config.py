@@ -1,0 +1,201 @@
+"""The typed configuration of a training run; `conf/` (Hydra) maps onto it one-to-one.
+
+Every key is a dataclass field (unknown keys and wrong types are refused by Hydra's structured
+config), and `validate(config)` runs the cross-field checks before any actor starts, each error
+naming the keys and the fix. Batch sizes are named so prompts are not confused with samples:
+`prompts_per_step` x `samples_per_prompt` responses per step, `minibatch_prompts` per update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class AlgorithmConfig:
+    """The policy loss and its knobs (see cppo_rl.algorithms.PolicyLossConfig)."""
+
+    name: str = "cppo"
+    divergence: str = "topk_tv"
+    delta: float = 0.15
+    delta_b: float = 0.02
+    w_min: float = 0.8
+    position_horizon: str = "max_response_length"  # or "sequence" or "padded"
+    adaptive_delta_b: bool = False
+    delta_b_quantile: float = 0.9
+    delta_b_scale: float = 1.0
+    is_cap: float = 20.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    cispo_eps_low: float = 10.0
+    cispo_eps_high: float = 0.2
+    minpro_eps_low: float = 0.2
+    minpro_eps_high: float = 0.28
+    trm_max_delta: float = 0.05
+    trm_avg_delta: float = 0.001
+    loss_agg_mode: str = "seq-mean-token-sum-norm"
+    advantage: str = "grpo"
+    adv_std_norm: bool = False
+    anchor: str = "rollout"
+
+
+@dataclass
+class ModelConfig:
+    """`path`: a HF directory or hub name; "tiny" builds the project's tiny Qwen3 (and warms it up)."""
+
+    path: str = "tiny"
+    warm_start: bool = True
+    warm_start_max_seconds: float = 900.0
+    warm_start_target_accuracy: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    """jsonl files with `prompt` and `answer`; "generated" writes the arithmetic task into the run."""
+
+    train_files: list[str] = field(default_factory=lambda: ["generated"])
+    eval_files: list[str] = field(default_factory=lambda: ["generated"])
+    eval_prompts: int = 64
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int = 256
+    max_response_length: int = 32
+    temperature: float = 1.0
+    top_k_logprobs: int = 20
+    eval_temperature: float = 0.7
+    eval_top_p: float = 0.95
+    eval_samples: int = 4
+    cpu_kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.6
+
+
+@dataclass
+class LearnerSettings:
+    world_size: int = 1
+    micro_batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    gradient_checkpointing: bool = False
+    logprob_chunk_size: int = 512
+    sync_transport: str = "collective"
+    sync_bucket_mb: int = 256
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+    timeout_s: float = 10.0
+    memory_limit_mb: int = 2048
+
+
+@dataclass
+class ClusterConfig:
+    """`address`: a Ray cluster to join (or $RAY_ADDRESS); null starts a local one with `num_cpus`."""
+
+    address: str | None = None
+    num_cpus: int = 2
+    num_gpus: int = 0
+    cpus_per_engine: float = 0.5
+    cpus_per_learner: float = 0.5
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "cppo_rl"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online / offline / disabled
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 60
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8
+    minibatch_prompts: int = 8
+    eval_every: int = 20
+    checkpoint_every: int = 0  # 0 = only at the end
+    output_dir: str = "runs"
+    resume: str = "never"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerSettings = field(default_factory=LearnerSettings)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    experiment: str | None = None
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the keys and the fix."""
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-field checks; raises ConfigError listing every problem found."""
+    from cppo_rl.algorithms import POLICY_LOSSES
+
+    problems = []
+    t, a, r, lrn, c = config.trainer, config.algorithm, config.rollout, config.learner, config.cluster
+    for key, value in (
+        ("trainer.total_steps", t.total_steps),
+        ("trainer.prompts_per_step", t.prompts_per_step),
+        ("trainer.samples_per_prompt", t.samples_per_prompt),
+        ("trainer.minibatch_prompts", t.minibatch_prompts),
+        ("rollout.num_engines", r.num_engines),
+        ("rollout.max_response_length", r.max_response_length),
+        ("learner.world_size", lrn.world_size),
+        ("learner.micro_batch_size", lrn.micro_batch_size),
+    ):
+        if value < 1:
+            problems.append(f"{key}={value} must be >= 1")
+    if a.name not in POLICY_LOSSES:
+        problems.append(f"algorithm.name={a.name!r} is not a known policy loss; choose one of {sorted(POLICY_LOSSES)}")
+    if t.minibatch_prompts > 0 and t.prompts_per_step % t.minibatch_prompts:
+        problems.append(
+            f"trainer.prompts_per_step={t.prompts_per_step} is not a multiple of trainer.minibatch_prompts="
+            f"{t.minibatch_prompts}; updates per rollout = prompts_per_step / minibatch_prompts must be whole"
+        )
+    minibatch = t.minibatch_prompts * t.samples_per_prompt
+    if lrn.world_size > 0 and lrn.micro_batch_size > 0 and minibatch % (lrn.world_size * lrn.micro_batch_size):
+        problems.append(
+            f"a mini-batch of {minibatch} responses (trainer.minibatch_prompts x trainer.samples_per_prompt) is not "
+            f"a multiple of learner.world_size x learner.micro_batch_size = {lrn.world_size * lrn.micro_batch_size}"
+        )
+    if r.max_response_length >= r.max_model_len:
+        problems.append(
+            f"rollout.max_response_length={r.max_response_length} must be below rollout.max_model_len="
+            f"{r.max_model_len} (the prompt needs room); raise max_model_len"
+        )
+    if a.position_horizon not in ("max_response_length", "sequence", "padded"):
+        problems.append(f"algorithm.position_horizon={a.position_horizon!r}: use max_response_length/sequence/padded")
+    if c.address is None and c.num_gpus == 0:
+        wanted = r.num_engines * c.cpus_per_engine + lrn.world_size * c.cpus_per_learner
+        if wanted > c.num_cpus:
+            problems.append(
+                f"{r.num_engines} engines x cluster.cpus_per_engine={c.cpus_per_engine} + {lrn.world_size} learner "
+                f"ranks x cluster.cpus_per_learner={c.cpus_per_learner} = {wanted} CPUs > cluster.num_cpus={c.num_cpus}"
+            )
+    if config.model.path != "tiny" and not Path(config.model.path).is_dir() and "/" not in config.model.path:
+        problems.append(f"model.path={config.model.path!r} is neither 'tiny', a directory, nor a hub name")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,71 @@
+"""Run configuration: Hydra composition onto the typed schema, and the cross-field checks."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+import cppo_rl.train  # noqa: F401  (registers the schema)
+from cppo_rl.config import ConfigError, TrainConfig, validate
+from cppo_rl.controller.trainer import policy_loss_config
+
+CONF = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "conf")
+
+
+def _compose(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_defaults_compose_validate_and_map_to_the_algorithm_core():
+    config = _compose()
+    validate(config)
+    loss = policy_loss_config(config)
+    assert config.algorithm.name == "cppo"
+    assert loss.horizon == config.rollout.max_response_length  # position horizon = max response length
+
+
+@pytest.mark.parametrize("name", ["dppo", "grpo", "cispo", "trm_max", "trm_avg", "minpro", "cppo_no_prefix_budget"])
+def test_every_algorithm_group_entry_composes(name):
+    config = _compose(f"algorithm={name}", "algorithm.delta=0.2")
+    validate(config)
+    assert config.algorithm.name == name and config.algorithm.delta == 0.2
+
+
+def test_trm_uses_the_kl_divergence():
+    assert _compose("algorithm=trm_max").algorithm.divergence == "topk_kl"
+
+
+def test_unknown_keys_and_wrong_types_are_refused():
+    with pytest.raises(ConfigCompositionException, match=r"trainer\.total_stepz"):
+        _compose("trainer.total_stepz=3")
+    with pytest.raises((ConfigCompositionException, ValidationError), match="total_steps"):
+        _compose("trainer.total_steps=many")
+    with pytest.raises((ConfigCompositionException, ConfigAttributeError)):
+        _compose("algorithm=nonexistent")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["trainer.prompts_per_step=6", "trainer.minibatch_prompts=4"], "not a multiple of trainer.minibatch_prompts"),
+        (["learner.micro_batch_size=5"], "not a multiple of learner.world_size x learner.micro_batch_size"),
+        (["trainer.total_steps=0"], r"trainer.total_steps=0 must be >= 1"),
+        (["rollout.max_response_length=300"], "must be below rollout.max_model_len"),
+        (["rollout.num_engines=4"], "CPUs > cluster.num_cpus=2"),
+        (["algorithm.name=ppo"], "not a known policy loss"),
+        (["model.path=missing_dir"], "neither 'tiny', a directory, nor a hub name"),
+        (["algorithm.position_horizon=fixed"], "position_horizon"),
+    ],
+)
+def test_cross_field_checks_name_the_keys(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(_compose(*overrides))
+
+
+def test_bad_algorithm_values_fail_before_any_actor_starts():
+    with pytest.raises(ValueError, match="`w_min` must lie in"):
+        policy_loss_config(_compose("algorithm.w_min=1.5"))
