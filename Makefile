@@ -10,6 +10,7 @@ CACHE_DIR := $(CURDIR)/.cache
 PYTEST_ARGS ?=
 ARGS ?=
 BENCH ?=
+BENCH_ARGS ?=
 
 ifeq ($(DEVICE),cpu)
   CONSTRAINTS := -c requirements/cpu.txt
@@ -62,9 +63,9 @@ format: setup
 train: setup
 	$(BIN)/python -m cppo_rl.train $(ARGS)
 
+# make bench [BENCH=chunked_logprobs|weight_sync] [BENCH_ARGS=--quick]
 bench: setup
-	@echo "make bench: no benchmarks are built yet (issue 7)." >&2
-	@exit 1
+	$(BIN)/python -m bench $(BENCH) $(BENCH_ARGS)
 
 # Re-pin requirements/cpu.txt from the current venv (after a deliberate upgrade).
 lock: setup

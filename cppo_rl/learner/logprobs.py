@@ -26,9 +26,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         safe_ids = token_ids.clamp_min(0)
         for start in range(0, positions, chunk_size):
             stop = min(start + chunk_size, positions)
-            logits = (hidden[start:stop] @ weight.T).float() / temperature
+            logits = (hidden[start:stop] @ weight.T).float().div_(temperature)
+            logprobs[start:stop] = logits.gather(-1, safe_ids[start:stop])
             normalisers[start:stop] = torch.logsumexp(logits, dim=-1)
-            logprobs[start:stop] = logits.gather(-1, safe_ids[start:stop]) - normalisers[start:stop, None]
+            logprobs[start:stop] -= normalisers[start:stop, None]
         logprobs = logprobs.masked_fill(token_ids < 0, -float("inf"))
         ctx.save_for_backward(hidden, weight, token_ids, normalisers)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -45,17 +46,20 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:stop]
-            logits = (h @ weight.T).float() / temperature
-            probs = torch.exp(logits - normalisers[start:stop, None])
+            # one [chunk, V] buffer, updated in place: logits -> softmax -> d loss / d logits
+            grad_logits = (h @ weight.T).float()
+            grad_logits.div_(temperature).sub_(normalisers[start:stop, None]).exp_()
             upstream = grad_logprobs[start:stop]
             # d logprob(id) / d logits = onehot(id) - softmax, summed over the chosen ids, / temperature
-            grad_logits = probs.mul_(-upstream.sum(dim=-1, keepdim=True))
+            grad_logits.mul_(-upstream.sum(dim=-1, keepdim=True))
             grad_logits.scatter_add_(-1, safe_ids[start:stop], upstream)
-            grad_logits = (grad_logits / temperature).to(hidden.dtype)
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
+            grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ h).float()
+                grad_weight.addmm_(grad_logits.T.float(), h.float())  # in place: no [V, H] temporary
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
