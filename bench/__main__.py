@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("chunked_logprobs", "weight_sync")
+BENCHMARKS = ("chunked_logprobs", "weight_sync", "rollout_throughput")
 
 
 def main() -> None:

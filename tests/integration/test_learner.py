@@ -35,6 +35,7 @@ def _learner(
     lr=1e-3,
     updates=2,
     checkpointing=False,
+    anchor="rollout",
     **algo,
 ):
     from cppo_rl.algorithms import default_config
@@ -50,6 +51,7 @@ def _learner(
         grad_clip=0.0,
         weight_decay=0.0,
         gradient_checkpointing=checkpointing,
+        anchor=anchor,
     )
     return LearnerGroup(config, loss, default_config(loss, **algo), world_size, num_cpus_per_rank=0.5)
 
@@ -100,14 +102,30 @@ def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids
         learner.shutdown()
 
 
-def test_update_does_not_depend_on_world_size_micro_batch_or_checkpointing(
+def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_anchor(
     rollout_workers, chat_prompt_ids, tiny_model_dir
 ):
     batch = _rollout(rollout_workers, chat_prompt_ids, seed=7)
     updates = []
-    for world_size, micro, checkpointing in ((1, 8, False), (2, 4, False), (2, 1, False), (1, 4, True)):
+    # the last case recomputes the trust-region anchor on the learner: on the rollout's own weights it
+    # equals mu, so the update must not change either
+    cases = (
+        (1, 8, False, "rollout"),
+        (2, 4, False, "rollout"),
+        (2, 1, False, "rollout"),
+        (1, 4, True, "rollout"),
+        (2, 4, False, "recompute"),
+    )
+    for world_size, micro, checkpointing, anchor in cases:
         learner = _learner(
-            tiny_model_dir, world_size, micro, optimizer="sgd", lr=1.0, updates=2, checkpointing=checkpointing
+            tiny_model_dir,
+            world_size,
+            micro,
+            optimizer="sgd",
+            lr=1.0,
+            updates=2,
+            checkpointing=checkpointing,
+            anchor=anchor,
         )
         try:
             before = _flat(learner.gather_weights())
