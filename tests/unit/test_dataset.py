@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,9 +39,14 @@ def test_wrong_path_or_format(tmp_path):
         load_jsonl(_write(tmp_path / "data.parquet", ["x"]))
 
 
-def test_real_datasets_load():
-    rows = load_jsonl(__import__("pathlib").Path(__file__).resolve().parents[3] / "shared/data/aime24/test.jsonl")
-    assert len(rows) == 30 and all(r.prompt and r.answer for r in rows)
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repo
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the shared datasets are not at {SHARED_DATA}")
+@pytest.mark.parametrize(("name", "rows"), [("aime24", 30), ("aime25", 30), ("math500", 500)])
+def test_real_datasets_load(name, rows):
+    examples = load_jsonl(SHARED_DATA / name / "test.jsonl")
+    assert len(examples) == rows and all(e.prompt and e.answer for e in examples)
 
 
 def test_loader_is_deterministic_and_resumes(tmp_path):
