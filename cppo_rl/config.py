@@ -123,7 +123,7 @@ class LoggingConfig:
 class TrainerConfig:
     total_steps: int = 60
     prompts_per_step: int = 8
-    samples_per_prompt: int = 8
+    samples_per_prompt: int = 16
     minibatch_prompts: int = 8
     eval_every: int = 20
     checkpoint_every: int = 0  # 0 = only at the end
