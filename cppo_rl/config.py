@@ -94,6 +94,10 @@ class LearnerSettings:
 
 @dataclass
 class RewardConfig:
+    """`grader`: "module:function", called as grader(response_text, gold) -> RewardOutcome in the pool's
+    worker processes (each with `memory_limit_mb` MiB and a `timeout_s` deadline per sample)."""
+
+    grader: str = "cppo_rl.rewards.math_grader:grade"
     num_workers: int = 1
     timeout_s: float = 10.0
     memory_limit_mb: int = 2048
@@ -108,6 +112,7 @@ class ClusterConfig:
     num_gpus: int = 0
     cpus_per_engine: float = 0.5
     cpus_per_learner: float = 0.5
+    placement_strategy: str = "PACK"  # of the placement group holding every engine and learner rank
 
 
 @dataclass
@@ -121,15 +126,21 @@ class LoggingConfig:
 
 @dataclass
 class TrainerConfig:
+    """The run: `output_dir/run_name` is its directory (Hydra's run dir); `resume`: "never", "auto" (the
+    latest complete checkpoint of this run directory, if any) or a checkpoint / run directory path."""
+
     total_steps: int = 60
     prompts_per_step: int = 8
     samples_per_prompt: int = 16
     minibatch_prompts: int = 8
-    eval_every: int = 20
-    checkpoint_every: int = 0  # 0 = only at the end
+    eval_every: int = 20  # 0 = only before and after training
+    checkpoint_every: int = 0  # 0 = only at the end (and on SIGINT / SIGTERM)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 = all
     output_dir: str = "runs"
+    run_name: str = "run"
     resume: str = "never"
     seed: int = 0
+    progress_bar: bool = True  # a live bar on a terminal; one plain line per step otherwise
 
 
 @dataclass
@@ -168,6 +179,19 @@ def validate(config: TrainConfig) -> None:
     ):
         if value < 1:
             problems.append(f"{key}={value} must be >= 1")
+    for key, value in (
+        ("trainer.eval_every", t.eval_every),
+        ("trainer.checkpoint_every", t.checkpoint_every),
+        ("trainer.keep_checkpoints", t.keep_checkpoints),
+    ):
+        if value < 0:
+            problems.append(f"{key}={value} must be >= 0 (0 turns it off)")
+    if t.resume not in ("never", "auto") and not Path(t.resume).exists():
+        problems.append(f"trainer.resume={t.resume!r} is neither never, auto nor an existing checkpoint/run directory")
+    if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        problems.append(
+            f"cluster.placement_strategy={c.placement_strategy!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+        )
     if a.name not in POLICY_LOSSES:
         problems.append(f"algorithm.name={a.name!r} is not a known policy loss; choose one of {sorted(POLICY_LOSSES)}")
     if t.minibatch_prompts > 0 and t.prompts_per_step % t.minibatch_prompts:
@@ -195,7 +219,28 @@ def validate(config: TrainConfig) -> None:
                 f"{r.num_engines} engines x cluster.cpus_per_engine={c.cpus_per_engine} + {lrn.world_size} learner "
                 f"ranks x cluster.cpus_per_learner={c.cpus_per_learner} = {wanted} CPUs > cluster.num_cpus={c.num_cpus}"
             )
-    if config.model.path != "tiny" and not Path(config.model.path).is_dir() and "/" not in config.model.path:
+    grader_problem = _check_import_path(config.reward.grader)
+    if grader_problem:
+        problems.append(f"reward.grader={config.reward.grader!r}: {grader_problem}")
+    if not config.model.path:
+        problems.append("model.path is empty; set model.path=<an HF model directory or hub name>")
+    elif config.model.path != "tiny" and not Path(config.model.path).is_dir() and "/" not in config.model.path:
         problems.append(f"model.path={config.model.path!r} is neither 'tiny', a directory, nor a hub name")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _check_import_path(path: str) -> str | None:
+    """Why "module:function" cannot be loaded, or None when it can."""
+    import importlib
+
+    module_name, _, name = path.partition(":")
+    if not module_name or not name:
+        return "must look like 'package.module:function'"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        return f"cannot import {module_name!r} ({error}); is it installed or on PYTHONPATH?"
+    if not callable(getattr(module, name, None)):
+        return f"module {module_name!r} has no function {name!r}"
+    return None

@@ -2,11 +2,13 @@
 
 Examples: `python -m cppo_rl.train algorithm=dppo trainer.total_steps=20`,
 `python -m cppo_rl.train --cfg job` (print the resolved config), `--multirun algorithm=cppo,dppo`.
-The last line printed is the run directory.
+The last line printed is the run directory. SIGINT / SIGTERM checkpoint and stop after the current
+step (exit status 128 + the signal); `trainer.resume=auto` with the same run directory continues.
 """
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import hydra
@@ -24,15 +26,15 @@ def main(cfg: DictConfig) -> None:
     config: TrainConfig = OmegaConf.to_object(cfg)
     validate(config)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from cppo_rl.controller.progress import summary_screen
     from cppo_rl.controller.trainer import Trainer
 
-    summary = Trainer(config, run_dir).run()
-    print(
-        f"\naccuracy: start {summary['eval_accuracy_start']:.3f} -> end {summary['eval_accuracy_end']:.3f} "
-        f"(best {summary['eval_accuracy_best']:.3f}) in {summary['steps']} steps, {summary['wall_seconds']} s\n"
-        f"metrics: {run_dir / 'metrics.jsonl'}  checkpoint: {summary['checkpoint']}  wandb: {summary['wandb_dir']}"
-    )
+    trainer = Trainer(config, run_dir)
+    summary = trainer.run()
+    print("\n" + summary_screen(summary, str(run_dir), trainer.resume_command()))
     print(run_dir)
+    if summary["interrupted_by"]:  # stopped early by a signal, after checkpointing: exit as the signal asks
+        raise SystemExit(128 + signal.Signals[summary["interrupted_by"]].value)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Metrics sinks of a run: W&B (offline unless a key is set) and a local jsonl history.
 
 The W&B key is read by wandb itself from the environment; it is never printed, logged or put in
-the run's config.
+the run's config. A resumed run continues the same W&B run (`run_id`) and the same local history.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+HISTORY = "metrics.jsonl"
 
 
 def wandb_mode(requested: str) -> str:
@@ -18,6 +20,16 @@ def wandb_mode(requested: str) -> str:
     if requested != "auto":
         return requested
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def rewind_history(path: Path, last_step: int, source: Path | None = None) -> int:
+    """Keep only the records of `path` (or of `source`, copied to `path`) with step <= `last_step`:
+    what a run resumed from checkpoint `last_step` must not repeat. Returns the records kept."""
+    source = source or path
+    lines = source.read_text().splitlines() if source.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return len(kept)
 
 
 class Tracker:
@@ -33,10 +45,11 @@ class Tracker:
         name: str | None,
         tags: list[str],
         mode: str,
+        run_id: str | None = None,
     ) -> None:
         import wandb
 
-        self.history_path = run_dir / "metrics.jsonl"
+        self.history_path = run_dir / HISTORY
         self.mode = wandb_mode(mode)
         self.run = wandb.init(
             project=project,
@@ -46,7 +59,11 @@ class Tracker:
             mode=self.mode,
             dir=str(run_dir),
             config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(quiet=True),
         )
+        self.run_id = self.run.id if self.mode != "disabled" else None
         self.wandb_dir = str(Path(self.run.dir).parent) if self.mode != "disabled" else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,12 +45,79 @@ def policy_loss_config(config: TrainConfig) -> PolicyLossConfig:
     )
 
 
+CHECKPOINTS = "checkpoints"
+# keys a resumed run may change without changing what it computes (everything else is warned about)
+FREE_ON_RESUME = (
+    "trainer.resume",
+    "trainer.total_steps",
+    "trainer.run_name",
+    "trainer.output_dir",
+    "trainer.progress_bar",
+)
+FREE_ON_RESUME_SECTIONS = ("logging.", "cluster.")
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint `trainer.resume` asks for: None for "never" (or "auto" with none written yet),
+    the latest complete one of this run for "auto", or the one a path names (a checkpoint, a run
+    directory or a checkpoint root)."""
+    from cppo_rl.config import ConfigError
+    from cppo_rl.learner.checkpoint import MARKER, clean_staging, latest_checkpoint
+
+    if resume == "never":
+        return None
+    if resume == "auto":
+        clean_staging(run_dir / CHECKPOINTS)
+        return latest_checkpoint(run_dir / CHECKPOINTS)
+    path = Path(resume)
+    if (path / MARKER).is_file():
+        return path
+    found = latest_checkpoint(path / CHECKPOINTS) or latest_checkpoint(path)
+    if found is None:
+        raise ConfigError(
+            f"trainer.resume={resume!r}: no complete checkpoint there (looked for {MARKER} in {path}, "
+            f"{path / CHECKPOINTS} and its step_* folders); give a run directory that has one, or use auto"
+        )
+    return found
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (FREE_ON_RESUME keys excluded)."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += config_changes(old, new, name + ".")
+        elif old != new and name not in FREE_ON_RESUME and not name.startswith(FREE_ON_RESUME_SECTIONS):
+            changed.append(f"{name}: {old!r} -> {new!r}")
+    return changed
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a resumed run needs besides the learner's state; stored in each checkpoint's marker.
+
+    The controller has no free-running random state: rollout seeds derive from (trainer.seed, step)
+    and the prompt order from (data.seed, epoch), so the loader position and the step restore them.
+    The learner's torch RNG is in its DeepSpeed checkpoint.
+    """
+
+    step: int = 0
+    loader: dict = dataclasses.field(default_factory=dict)
+    evals: list[list[float]] = dataclasses.field(default_factory=list)  # [step, accuracy] pairs
+    wandb_run_id: str | None = None
+    elapsed_seconds: float = 0.0
+    config: dict = dataclasses.field(default_factory=dict)
+
+
 class Trainer:
     """One training run in `run_dir` (metrics.jsonl, summary.json, checkpoints/, wandb/)."""
 
     def __init__(self, config: TrainConfig, run_dir: Path) -> None:
         self.config, self.run_dir = config, run_dir
         self.loss_config = policy_loss_config(config)  # validates the algorithm's knobs up front
+        self.resume_from = find_resume_checkpoint(config.trainer.resume, run_dir)
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -81,6 +147,33 @@ class Trainer:
 
         return model_path, files(data.train_files, "train"), files(data.eval_files, "test")[: data.eval_prompts]
 
+    def _placement(self) -> tuple[list[object], list[object]]:
+        """One placement group holding a bundle per rollout engine and per learner rank (so the run
+        starts only when all of them fit); returns the engines' and the ranks' scheduling strategies."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        c, r, lrn = self.config.cluster, self.config.rollout, self.config.learner
+        gpu = c.num_gpus > 0
+        engine = {"CPU": c.cpus_per_engine, **({"GPU": r.tensor_parallel_size} if gpu else {})}
+        rank = {"CPU": c.cpus_per_learner, **({"GPU": 1} if gpu else {})}
+        bundles = [engine] * r.num_engines + [rank] * lrn.world_size
+        group = placement_group(bundles, strategy=c.placement_strategy, name=f"cppo_rl-{self.run_dir.name}")
+        try:
+            ray.get(group.ready(), timeout=300)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"the cluster cannot place {r.num_engines} rollout engines ({engine} each) and {lrn.world_size} "
+                f"learner ranks ({rank} each) with strategy {c.placement_strategy} (cluster has "
+                f"{ray.cluster_resources()}); lower rollout.num_engines / learner.world_size or the "
+                "cluster.cpus_per_* / rollout.tensor_parallel_size they ask for"
+            ) from None
+        strategies = [
+            PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index) for index in range(len(bundles))
+        ]
+        return strategies[: r.num_engines], strategies[r.num_engines :]
+
     def _start_actors(self, model_path: str) -> None:
         from cppo_rl.learner.worker import LearnerConfig, LearnerGroup
         from cppo_rl.rewards import RewardPool
@@ -90,6 +183,7 @@ class Trainer:
 
         c, r, lrn, t = self.config.cluster, self.config.rollout, self.config.learner, self.config.trainer
         use_gpu = c.num_gpus > 0
+        engine_slots, learner_slots = self._placement()
         engine = EngineConfig(
             model_path,
             dtype=r.dtype,
@@ -100,19 +194,22 @@ class Trainer:
             seed=t.seed,
         )
         self.rollout = RolloutGroup(
-            start_rollout_workers(engine, r.num_engines, num_cpus=c.cpus_per_engine, use_gpu=use_gpu)
+            start_rollout_workers(
+                engine, r.num_engines, num_cpus=c.cpus_per_engine, use_gpu=use_gpu, scheduling_strategies=engine_slots
+            )
         )
+        updates = t.prompts_per_step // t.minibatch_prompts
         learner = LearnerConfig(
             model_path=model_path,
             responses_per_step=t.prompts_per_step * t.samples_per_prompt,
-            updates_per_rollout=t.prompts_per_step // t.minibatch_prompts,
+            updates_per_rollout=updates,
             micro_batch_size=lrn.micro_batch_size,
             lr=lrn.lr,
             weight_decay=lrn.weight_decay,
             grad_clip=lrn.grad_clip,
             warmup_steps=lrn.warmup_steps,
             lr_schedule=lrn.lr_schedule,
-            total_steps=t.total_steps * (t.prompts_per_step // t.minibatch_prompts),
+            total_steps=t.total_steps * updates,
             temperature=r.temperature,
             anchor=self.config.algorithm.anchor,
             logprob_chunk_size=lrn.logprob_chunk_size,
@@ -126,10 +223,37 @@ class Trainer:
             lrn.world_size,
             num_cpus_per_rank=c.cpus_per_learner,
             use_gpu=use_gpu,
+            scheduling_strategies=learner_slots,
         )
         self.sync = WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
         rw = self.config.reward
-        self.rewards = RewardPool(rw.num_workers, rw.timeout_s, rw.memory_limit_mb)
+        self.rewards = RewardPool(rw.num_workers, rw.timeout_s, rw.memory_limit_mb, grader=rw.grader)
+
+    def _restore(self, tracker_history: Path) -> RunState:
+        """Learner state from the resume checkpoint, the engines re-synced to it, the local history
+        rewound to it; returns the controller's state."""
+        from cppo_rl.controller.tracker import rewind_history
+        from cppo_rl.learner.checkpoint import read_marker
+
+        state = RunState(**read_marker(self.resume_from)["trainer"])
+        changed = config_changes(state.config, dataclasses.asdict(self.config))
+        if changed:
+            print("warning: resuming with a different configuration:\n  " + "\n  ".join(changed), flush=True)
+        self.learner.load_checkpoint(str(self.resume_from))
+        self.sync.sync(version=state.step)
+        source_run = self.resume_from.parent.parent
+        source = None if source_run.resolve() == self.run_dir.resolve() else source_run / tracker_history.name
+        rewind_history(tracker_history, state.step, source)
+        print(f"resumed from {self.resume_from} (step {state.step})", flush=True)
+        return state
+
+    def _checkpoint(self, state: RunState) -> str:
+        from cppo_rl.learner.checkpoint import prune
+
+        root = self.run_dir / CHECKPOINTS
+        path = self.learner.save_checkpoint(str(root), state.step, {"trainer": dataclasses.asdict(state)})
+        prune(root, self.config.trainer.keep_checkpoints)
+        return path
 
     def _encode(self, tokenizer, examples: list[Example]) -> list[list[int]]:
         return [
@@ -139,10 +263,24 @@ class Trainer:
             for e in examples
         ]
 
+    def resume_command(self) -> str:
+        """The command line that continues this run: its own overrides, plus the run directory and resume."""
+        import yaml
+
+        overrides_file = self.run_dir / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        kept = [o for o in overrides if o.split("=")[0].lstrip("+~") not in ("trainer.resume", "trainer.run_name")]
+        t = self.config.trainer
+        return " ".join(
+            ["python -m cppo_rl.train", *kept, f"trainer.run_name={t.run_name}", "trainer.resume=auto"]
+            if t.output_dir and self.run_dir == Path(t.output_dir) / t.run_name
+            else ["python -m cppo_rl.train", *kept, f"trainer.resume={self.run_dir}"]
+        )
+
     # -- the loop -----------------------------------------------------------------------------------
 
-    def evaluate(self, tokenizer, examples: list[Example], step: int) -> tuple[float, list[list]]:
-        """Avg@k on `examples` at the eval temperature / top-p; returns accuracy and sample rows."""
+    def evaluate(self, tokenizer, examples: list[Example], step: int) -> tuple[dict[str, float], list[list]]:
+        """Avg@k on `examples` at the eval temperature / top-p; returns metrics and sample rows."""
         from cppo_rl.rollout.sampling import SamplingConfig
 
         r = self.config.rollout
@@ -162,13 +300,20 @@ class Trainer:
             [examples[i // r.eval_samples].prompt, batch.response_texts[i], outcomes[i].reward]
             for i in range(0, len(golds), r.eval_samples)
         ][:8]
-        return sum(o.reward for o in outcomes) / len(outcomes), samples
+        metrics = {
+            "eval/accuracy": sum(o.reward for o in outcomes) / len(outcomes),
+            "eval/response_length_mean": float(batch.response_lengths.float().mean()),
+            "eval/truncated_frac": sum(f == "length" for f in batch.finish_reason) / batch.num_responses,
+        }
+        return metrics, samples
 
     def run(self) -> dict:
         import ray
         from transformers import AutoTokenizer
 
+        from cppo_rl.controller.progress import Progress, StopRequests
         from cppo_rl.controller.tracker import Tracker
+        from cppo_rl.learner.checkpoint import read_marker
         from cppo_rl.rollout.sampling import SamplingConfig
 
         config, started = self.config, time.perf_counter()
@@ -177,21 +322,24 @@ class Trainer:
             ray.init(
                 address=c.address,
                 num_cpus=None if c.address else c.num_cpus,
+                num_gpus=None if c.address else c.num_gpus,
                 include_dashboard=False,
                 log_to_driver=False,
             )
         model_path, train_examples, eval_examples = self._model_and_data()
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         loader = PromptLoader(train_examples, t.prompts_per_step, shuffle=config.data.shuffle, seed=config.data.seed)
+        saved = RunState(**read_marker(self.resume_from)["trainer"]) if self.resume_from else None
         log = config.logging
         tracker = Tracker(
             self.run_dir,
-            asdict(config),
+            dataclasses.asdict(config),
             project=log.project,
             entity=log.entity,
             name=log.run_name,
             tags=list(log.tags),
             mode=log.mode,
+            run_id=saved.wandb_run_id if saved else None,
         )
         self._start_actors(model_path)
         advantage = get_advantage(config.algorithm.advantage)
@@ -202,38 +350,67 @@ class Trainer:
             logprobs_k=r.top_k_logprobs,
             seed=t.seed,
         )
+        samples_columns = ["prompt", "response", "reward"]
+        progress, checkpoint, phases = None, None, {}
         try:
-            accuracy_start, samples = self.evaluate(tokenizer, eval_examples, 0)
-            tracker.log({"eval/accuracy": accuracy_start}, step=0)
-            tracker.table("eval/samples", ["prompt", "response", "reward"], samples, step=0)
-            evals, metrics = [accuracy_start], {}
-            for step in range(1, t.total_steps + 1):
-                metrics = self._step(step, loader, tokenizer, sampling, advantage)
-                if step % t.eval_every == 0 or step == t.total_steps:
-                    accuracy, samples = self.evaluate(tokenizer, eval_examples, step)
-                    evals.append(accuracy)
-                    metrics["eval/accuracy"] = accuracy
-                    tracker.table("eval/samples", ["prompt", "response", "reward"], samples, step=step)
-                tracker.log(metrics, step=step)
-                print(self._progress_line(step, metrics, started), flush=True)
-                if t.checkpoint_every and step % t.checkpoint_every == 0:
-                    self.learner.save_checkpoint(str(self.run_dir / "checkpoints"), step)
-            checkpoint = self.learner.save_checkpoint(str(self.run_dir / "checkpoints"), t.total_steps)
-            summary = {
-                "eval_accuracy_start": accuracy_start,
-                "eval_accuracy_end": evals[-1],
-                "eval_accuracy_best": max(evals),
-                "steps": t.total_steps,
-                "wall_seconds": round(time.perf_counter() - started, 1),
-                "rollout_learner_logprob_mismatch": metrics.get("actor/rollout_learner_logprob_mismatch"),
-                "algorithm": config.algorithm.name,
-                "wandb_dir": tracker.wandb_dir,
-                "checkpoint": checkpoint,
-                "model_path": model_path,
-            }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            return summary
+            with StopRequests() as stop:
+                if saved:
+                    state = self._restore(tracker.history_path)
+                    loader.load_state_dict(state.loader)
+                    elapsed_before = state.elapsed_seconds
+                else:
+                    eval_metrics, samples = self.evaluate(tokenizer, eval_examples, 0)
+                    tracker.log(eval_metrics, step=0)
+                    tracker.table("eval/samples", samples_columns, samples, step=0)
+                    state = RunState(evals=[[0, eval_metrics["eval/accuracy"]]], config=dataclasses.asdict(config))
+                    elapsed_before = 0.0
+                state.wandb_run_id, state.config = tracker.run_id, dataclasses.asdict(config)
+                progress = Progress(t.total_steps, state.step + 1, t.progress_bar)
+                metrics: dict[str, float] = {}
+                for step in range(state.step + 1, t.total_steps + 1):
+                    metrics = self._step(step, loader, tokenizer, sampling, advantage)
+                    for name, seconds in metrics.items():
+                        if name.startswith("time/"):
+                            phases[name[5:-2]] = phases.get(name[5:-2], 0.0) + seconds
+                    if (t.eval_every and step % t.eval_every == 0) or step == t.total_steps:
+                        eval_metrics, samples = self.evaluate(tokenizer, eval_examples, step)
+                        metrics.update(eval_metrics)
+                        state.evals.append([step, eval_metrics["eval/accuracy"]])
+                        tracker.table("eval/samples", samples_columns, samples, step=step)
+                    tracker.log(metrics, step=step)
+                    progress.update(step, metrics)
+                    state.step, state.loader = step, loader.state_dict()
+                    state.elapsed_seconds = elapsed_before + time.perf_counter() - started
+                    due = t.checkpoint_every and step % t.checkpoint_every == 0
+                    if due or stop.requested or step == t.total_steps:
+                        checkpoint = self._checkpoint(state)
+                    if stop.requested:
+                        break
+                progress.close()
+                accuracies = [accuracy for _, accuracy in state.evals]
+                summary = {
+                    "eval_accuracy_start": accuracies[0],
+                    "eval_accuracy_end": accuracies[-1],
+                    "eval_accuracy_best": max(accuracies),
+                    "steps": state.step,
+                    "wall_seconds": round(elapsed_before + time.perf_counter() - started, 1),
+                    "rollout_learner_logprob_mismatch": metrics.get("actor/rollout_learner_logprob_mismatch"),
+                    "algorithm": config.algorithm.name,
+                    "wandb_dir": tracker.wandb_dir,
+                    "checkpoint": checkpoint,
+                    "model_path": model_path,
+                    "interrupted_by": stop.requested,
+                    "resumed_from": str(self.resume_from) if self.resume_from else None,
+                    "mean_step_seconds": {
+                        name: round(total / max(1, state.step - (saved.step if saved else 0)), 3)
+                        for name, total in phases.items()
+                    },
+                }
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                return summary
         finally:
+            if progress is not None:
+                progress.close()
             tracker.finish()
             self.rewards.close()
             self.rollout.shutdown()
@@ -241,7 +418,7 @@ class Trainer:
 
     def _step(self, step, loader, tokenizer, sampling, advantage) -> dict[str, float]:
         timings = {}
-        clock = time.perf_counter()
+        clock = started = time.perf_counter()
         examples = loader.next_batch()
         step_sampling = dataclasses.replace(sampling, seed=sampling.seed + step * 100_003)
         batch = self.rollout.generate(self._encode(tokenizer, examples), step_sampling)
@@ -262,32 +439,37 @@ class Trainer:
         clock = time.perf_counter()
         sync = self.sync.sync(version=step)
         timings["sync"] = time.perf_counter() - clock
+        timings["step"] = time.perf_counter() - started
+        return step_metrics(batch, outcomes, actor, timings, sync.bytes_per_second, step)
 
-        lengths = batch.response_lengths.float()
-        tokens = float(lengths.sum())
-        reasons = [o.reason for o in outcomes]
-        metrics = {
-            "train/reward": float(batch.rewards.mean()),
-            "train/response_length_mean": float(lengths.mean()),
-            "train/response_length_max": float(lengths.max()),
-            "train/truncated_frac": sum(f == "length" for f in batch.finish_reason) / batch.num_responses,
-            "train/no_answer_frac": reasons.count("no_answer") / len(reasons),
-            "train/constant_reward_groups": count_constant_groups(batch.rewards, batch.group_index),
-            "train/advantage_abs_mean": float(batch.advantages.abs().mean()),
-            "sync/bytes_per_s": sync.bytes_per_second,
-            "policy_version": step,
-            "perf/tokens_per_s": tokens / timings["generate"],
-            **{f"time/{name}_s": seconds for name, seconds in timings.items()},
-            **{f"actor/{name}": value for name, value in actor.items()},
-        }
-        return metrics
 
-    def _progress_line(self, step: int, metrics: dict, started: float) -> str:
-        elapsed = time.perf_counter() - started
-        total = self.config.trainer.total_steps
-        eta = elapsed / step * (total - step)
-        accuracy = f" eval {metrics['eval/accuracy']:.3f}" if "eval/accuracy" in metrics else ""
-        return (
-            f"step {step}/{total}  reward {metrics['train/reward']:.3f}{accuracy}  "
-            f"step {sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s  eta {eta:.0f}s"
-        )
+def step_metrics(batch, outcomes, actor: dict[str, float], timings: dict[str, float], sync_rate: float, step: int):
+    """The metrics logged for one training step (names as in docs/training.md)."""
+    lengths = batch.response_lengths.float()
+    quantiles = torch.quantile(lengths, torch.tensor([0.1, 0.5, 0.9]))
+    reasons = [o.reason for o in outcomes]
+    advantages = batch.advantages
+    return {
+        "train/reward": float(batch.rewards.mean()),
+        "train/reward_std": float(batch.rewards.std()) if batch.num_responses > 1 else 0.0,
+        "train/response_length_mean": float(lengths.mean()),
+        "train/response_length_min": float(lengths.min()),
+        "train/response_length_p10": float(quantiles[0]),
+        "train/response_length_p50": float(quantiles[1]),
+        "train/response_length_p90": float(quantiles[2]),
+        "train/response_length_max": float(lengths.max()),
+        "train/truncated_frac": sum(f == "length" for f in batch.finish_reason) / batch.num_responses,
+        "train/no_answer_frac": reasons.count("no_answer") / len(reasons),
+        "train/reward_failure_frac": sum(r in ("timeout", "crashed", "error") for r in reasons) / len(reasons),
+        "train/constant_reward_groups": count_constant_groups(batch.rewards, batch.group_index),
+        "train/advantage_mean": float(advantages.mean()),
+        "train/advantage_std": float(advantages.std()) if batch.num_responses > 1 else 0.0,
+        "train/advantage_abs_mean": float(advantages.abs().mean()),
+        "train/advantage_max": float(advantages.max()),
+        "train/advantage_min": float(advantages.min()),
+        "sync/bytes_per_s": sync_rate,
+        "policy_version": step,
+        "perf/tokens_per_s": float(lengths.sum()) / timings["generate"],
+        **{f"time/{name}_s": seconds for name, seconds in timings.items()},
+        **{f"actor/{name}": value for name, value in actor.items()},
+    }

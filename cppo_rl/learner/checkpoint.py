@@ -59,6 +59,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def read_marker(checkpoint: str | Path) -> dict:
+    """The metadata a complete checkpoint was finalised with (its step included)."""
+    return json.loads((Path(checkpoint) / MARKER).read_text())
+
+
+def prune(root: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names); returns
+    what was deleted. `keep` <= 0 keeps everything."""
+    root = Path(root)
+    if keep <= 0 or not root.is_dir():
+        return []
+    complete = sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
+    newest = latest_checkpoint(root)
+    removed = [p for p in complete[:-keep] if p != newest]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 def clean_staging(root: str | Path) -> list[Path]:
     """Remove half-written checkpoints left by a crash; returns what was removed."""
     removed = sorted(Path(root).glob(".staging-*")) if Path(root).is_dir() else []

@@ -1,8 +1,9 @@
 """Log-probabilities of chosen token ids without materialising full [positions, vocab] logits.
 
 `chunked_token_logprobs(hidden, weight, token_ids, temperature, chunk_size)` returns
-`log softmax(hidden @ weight.T / temperature)` gathered at `token_ids`, computed chunk of positions
-by chunk: the forward keeps one `[chunk, V]` block of logits at a time and saves only the
+`log softmax(hidden @ weight.T / temperature)` gathered at `token_ids` (and, on request, the
+entropy of that distribution per position, without gradient), computed chunk of positions by
+chunk: the forward keeps one `[chunk, V]` block of logits at a time and saves only the
 per-position log-normaliser; the backward recomputes each block and accumulates the weight gradient
 into one `[V, H]` buffer. Peak extra memory is about `chunk x V + V x H` floats (plus the
 `[N, S]` outputs) instead of `N x V` logits, their softmax and their gradient.
@@ -19,10 +20,11 @@ DEFAULT_CHUNK_SIZE = 512
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, token_ids, temperature, chunk_size):
+    def forward(ctx, hidden, weight, token_ids, temperature, chunk_size, with_entropy):
         positions = hidden.shape[0]
         logprobs = torch.empty(token_ids.shape, dtype=torch.float32, device=hidden.device)
         normalisers = torch.empty(positions, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(positions if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         safe_ids = token_ids.clamp_min(0)
         for start in range(0, positions, chunk_size):
             stop = min(start + chunk_size, positions)
@@ -30,13 +32,17 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             logprobs[start:stop] = logits.gather(-1, safe_ids[start:stop])
             normalisers[start:stop] = torch.logsumexp(logits, dim=-1)
             logprobs[start:stop] -= normalisers[start:stop, None]
+            if with_entropy:  # H = -sum p log p, with the logits turned into log p in place
+                log_p = logits.sub_(normalisers[start:stop, None])
+                entropy[start:stop] = -(log_p.exp().mul_(log_p)).sum(dim=-1)
         logprobs = logprobs.masked_fill(token_ids < 0, -float("inf"))
         ctx.save_for_backward(hidden, weight, token_ids, normalisers)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return logprobs
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
+    def backward(ctx, grad_logprobs, _grad_entropy):
         hidden, weight, token_ids, normalisers = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         grad_logprobs = grad_logprobs.float().masked_fill(token_ids < 0, 0.0)
@@ -62,7 +68,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T.float(), h.float())  # in place: no [V, H] temporary
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_token_logprobs(
@@ -71,14 +77,16 @@ def chunked_token_logprobs(
     token_ids: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float32 [N, S] logprobs of `token_ids` under `softmax(hidden @ weight.T / temperature)`.
 
     hidden:    [N, H] final hidden states (after the final norm), one row per position
     weight:    [V, H] the output projection (lm_head) weight
     token_ids: int64 [N, S] ids to score per position; -1 marks an unused slot (its logprob is -inf,
                its gradient 0)
-    Differentiable in `hidden` and `weight`.
+    Differentiable in `hidden` and `weight`. With `return_entropy`, also the float32 [N] entropy (nats)
+    of each position's distribution (no gradient; one more pass over each `[chunk, V]` block).
     """
     caller = "chunked_token_logprobs"
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -97,7 +105,10 @@ def chunked_token_logprobs(
         raise ValueError(f"{caller}: `temperature` must be > 0, got {temperature!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{caller}: `chunk_size` must be an int >= 1, got {chunk_size!r}")
-    return _ChunkedTokenLogprobs.apply(hidden, weight, token_ids, float(temperature), chunk_size)
+    logprobs, entropy = _ChunkedTokenLogprobs.apply(
+        hidden, weight, token_ids, float(temperature), chunk_size, return_entropy
+    )
+    return (logprobs, entropy) if return_entropy else logprobs
 
 
 class TokenLogprobHead(torch.nn.Module):
@@ -114,9 +125,11 @@ class TokenLogprobHead(torch.nn.Module):
         self.weight = lm_head.weight
         self.chunk_size = chunk_size
 
-    def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-        """[N, H] hidden states, int64 [N, S] ids -> float32 [N, S] logprobs at `temperature`."""
-        return chunked_token_logprobs(hidden, self.weight, token_ids, temperature, self.chunk_size)
+    def forward(
+        self, hidden: torch.Tensor, token_ids: torch.Tensor, temperature: float, return_entropy: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[N, H] hidden states, int64 [N, S] ids -> float32 [N, S] logprobs at `temperature` (and [N] entropy)."""
+        return chunked_token_logprobs(hidden, self.weight, token_ids, temperature, self.chunk_size, return_entropy)
 
 
 class LogprobPolicy(torch.nn.Module):
@@ -140,10 +153,12 @@ class LogprobPolicy(torch.nn.Module):
         positions: torch.Tensor,
         token_ids: torch.Tensor,
         temperature: float,
-    ) -> torch.Tensor:
-        """float32 [N, S] logprobs of `token_ids` [N, S] predicted from `hidden[rows, positions]` ([N] each).
+        return_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """float32 [N, S] logprobs of `token_ids` [N, S] predicted from `hidden[rows, positions]` ([N] each),
+        and with `return_entropy` the float32 [N] entropy of each of those positions.
 
         input_ids, attention_mask: int64 [B, L], right-padded sequences (prompt + response).
         """
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.lm_head(hidden[rows, positions], token_ids, temperature)
+        return self.lm_head(hidden[rows, positions], token_ids, temperature, return_entropy)

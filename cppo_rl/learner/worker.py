@@ -248,7 +248,12 @@ class LearnerWorker:
                 for name, value in metrics.items():
                     totals[name] = totals.get(name, torch.zeros(2)) + value
             self.steps += 1
-        return self._reduce_metrics(totals)
+            grad_norm = self.engine.get_global_grad_norm()  # of the update just applied, before clipping
+            if grad_norm is not None:  # mean over updates (every rank adds the same global norm)
+                totals["grad_norm"] = totals.get("grad_norm", torch.zeros(2)) + torch.tensor([float(grad_norm), 1.0])
+        metrics = self._reduce_metrics(totals)
+        metrics["lr"] = self.learning_rate()
+        return metrics
 
     def _shards(self, batch: RolloutBatch) -> list[_Shard]:
         size = batch.num_responses // self.config.updates_per_rollout
@@ -265,7 +270,7 @@ class LearnerWorker:
     def _micro_step(
         self, micro: RolloutBatch, shard: _Shard, anchor: tuple[torch.Tensor, torch.Tensor] | None
     ) -> dict[str, torch.Tensor]:
-        set_logprobs = self._set_logprobs(micro)
+        set_logprobs, entropy = self._set_logprobs(micro, return_entropy=True)
         mu_sampled, mu_set = anchor if anchor is not None else (micro.rollout_logprobs, micro.topk_logprobs)
         inputs = PolicyLossInputs(
             logprobs=set_logprobs[..., 0],
@@ -284,6 +289,7 @@ class LearnerWorker:
             for name, value in output.metrics.items()
             if torch.isfinite(value)
         }
+        metrics["entropy"] = torch.stack([entropy.sum(), tokens])
         # summed over micro-batches and ranks, then divided by the update count: the mean mini-batch loss
         metrics["loss"] = torch.stack([output.loss.detach().float(), torch.tensor(1.0 / self._micro_steps_total)])
         if shard.first:
@@ -294,8 +300,11 @@ class LearnerWorker:
             metrics["rollout_learner_topk_tv"] = torch.stack([tv, tokens])
         return metrics
 
-    def _set_logprobs(self, micro: RolloutBatch) -> torch.Tensor:
-        """float32 [B, T, S] log pi at `micro.topk_ids` (slot 0: the sampled token), -inf at unused slots."""
+    def _set_logprobs(
+        self, micro: RolloutBatch, return_entropy: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """float32 [B, T, S] log pi at `micro.topk_ids` (slot 0: the sampled token), -inf at unused slots;
+        with `return_entropy` also the float32 [valid tokens] entropy (nats) of pi at each valid response token."""
         device = self.engine.device
         prompts = [len(p) for p in micro.prompt_ids]
         lengths = micro.response_lengths.tolist()
@@ -309,17 +318,20 @@ class LearnerWorker:
         valid = micro.response_mask
         rows, columns = valid.nonzero(as_tuple=True)
         positions = torch.tensor(prompts)[rows] - 1 + columns  # the hidden state that predicts token t
-        logprobs = self.engine(
+        result = self.engine(
             input_ids.to(device),
             attention.to(device),
             rows.to(device),
             positions.to(device),
             micro.topk_ids[valid].to(device),
             self.config.temperature,
+            return_entropy=return_entropy,
         )
+        logprobs, entropy = result if return_entropy else (result, None)
         out = torch.full(micro.topk_ids.shape, -float("inf"), dtype=torch.float32, device=device)
         out[valid.to(device)] = logprobs
-        return out.cpu() if device.type != "cpu" else out
+        out = out.cpu() if device.type != "cpu" else out
+        return (out, entropy.detach().cpu()) if return_entropy else out
 
     def _recompute_anchor(self, shard: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The learner's own (sampled, set) logprobs of a shard before any update of this batch."""
@@ -398,9 +410,10 @@ class LearnerWorker:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def save_checkpoint(self, root: str, step: int) -> str | None:
+    def save_checkpoint(self, root: str, step: int, metadata: dict | None = None) -> str | None:
         """All ranks: write DeepSpeed state (model, optimizer, scheduler, RNG) and a consolidated HF
-        directory into a staging folder, then (rank 0) rename it into place. Returns the path on rank 0."""
+        directory into a staging folder, then (rank 0) rename it into place with `metadata` (JSON, e.g.
+        the controller's state) in its completion marker. Returns the path on rank 0."""
         import torch.distributed as dist
 
         staged = staging_dir(root, step)
@@ -414,7 +427,9 @@ class LearnerWorker:
         if self.rank == 0:
             self._save_hf(staged / "hf", weights)
         dist.barrier()
-        return str(finalize(root, step, {"learner_steps": self.steps})) if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return str(finalize(root, step, {**(metadata or {}), "learner_steps": self.steps}))
 
     def _save_hf(self, directory: Path, weights: list[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save_file
@@ -494,9 +509,10 @@ class LearnerGroup:
         """The full parameters by HF name (gathered on rank 0)."""
         return self._all("gather_weights")[0]
 
-    def save_checkpoint(self, root: str, step: int) -> str:
-        """A complete checkpoint of every rank under `root` (see `checkpoint.py`); returns its path."""
-        return self._all("save_checkpoint", root, step)[0]
+    def save_checkpoint(self, root: str, step: int, metadata: dict | None = None) -> str:
+        """A complete checkpoint of every rank under `root` (see `checkpoint.py`), `metadata` stored in its
+        completion marker; returns its path."""
+        return self._all("save_checkpoint", root, step, metadata)[0]
 
     def load_checkpoint(self, path: str) -> int:
         """Restore every rank from checkpoint `path`; returns the learner step count."""

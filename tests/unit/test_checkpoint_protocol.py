@@ -44,3 +44,20 @@ def test_rewriting_a_step_replaces_it(tmp_path):
     (staged / "new.bin").write_bytes(b"y")
     final = finalize(tmp_path, 3, {"run": 2})
     assert (final / "new.bin").is_file() and '"run": 2' in (final / MARKER).read_text()
+
+
+def test_prune_keeps_the_newest_and_reads_metadata(tmp_path):
+    from cppo_rl.learner.checkpoint import prune, read_marker
+
+    for step in (2, 4, 6):
+        _stage(tmp_path, step)
+        finalize(tmp_path, step, {"trainer": {"step": step}})
+    assert prune(tmp_path, keep=0) == []
+    removed = prune(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["step_000002"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000004", "step_000006"]
+    assert read_marker(latest_checkpoint(tmp_path)) == {"step": 6, "trainer": {"step": 6}}
+    # the checkpoint `latest` names survives even when it is not among the newest by name
+    (tmp_path / "latest").write_text("step_000004")
+    assert [p.name for p in prune(tmp_path, keep=1)] == []
+    assert latest_checkpoint(tmp_path).name == "step_000004"

@@ -82,3 +82,20 @@ def test_bad_arguments_name_the_argument(change, match):
     }
     with pytest.raises(ValueError, match=match):
         chunked_token_logprobs(**{**arguments, **change})
+
+
+def test_entropy_matches_full_softmax_and_leaves_gradients_unchanged():
+    torch.manual_seed(3)
+    hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(29, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 29, (13, 3))
+    logprobs, entropy = chunked_token_logprobs(hidden, weight, ids, temperature=0.7, chunk_size=4, return_entropy=True)
+    reference = torch.log_softmax((hidden @ weight.T) / 0.7, dim=-1)
+    expected = -(reference.exp() * reference).sum(-1)
+    torch.testing.assert_close(entropy, expected.float(), rtol=1e-5, atol=1e-6)
+    assert not entropy.requires_grad
+    plain = chunked_token_logprobs(hidden, weight, ids, temperature=0.7, chunk_size=4)
+    torch.testing.assert_close(logprobs, plain)
+    (grad_with,) = torch.autograd.grad(logprobs.sum(), hidden)
+    (grad_without,) = torch.autograd.grad(plain.sum(), hidden)
+    torch.testing.assert_close(grad_with, grad_without)

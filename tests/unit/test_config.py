@@ -59,6 +59,12 @@ def test_unknown_keys_and_wrong_types_are_refused():
         (["algorithm.name=ppo"], "not a known policy loss"),
         (["model.path=missing_dir"], "neither 'tiny', a directory, nor a hub name"),
         (["algorithm.position_horizon=fixed"], "position_horizon"),
+        (["trainer.keep_checkpoints=-1"], r"trainer.keep_checkpoints=-1 must be >= 0"),
+        (["trainer.resume=/no/such/run"], "neither never, auto nor an existing checkpoint"),
+        (["cluster.placement_strategy=RANDOM"], "cluster.placement_strategy='RANDOM'"),
+        (["reward.grader=math_verify"], "must look like 'package.module:function'"),
+        (["reward.grader=no_such_module:grade"], "cannot import 'no_such_module'"),
+        (["reward.grader=cppo_rl.rewards.math_grader:nope"], "has no function 'nope'"),
     ],
 )
 def test_cross_field_checks_name_the_keys(overrides, match):
@@ -69,3 +75,34 @@ def test_cross_field_checks_name_the_keys(overrides, match):
 def test_bad_algorithm_values_fail_before_any_actor_starts():
     with pytest.raises(ValueError, match="`w_min` must lie in"):
         policy_loss_config(_compose("algorithm.w_min=1.5"))
+
+
+def test_groups_pick_presets_and_experiments_apply_last():
+    default = _compose()
+    assert default.model.path == "tiny" and default.data.train_files == ["generated"]
+    assert default.cluster.address is None and default.trainer.run_name.endswith("-cppo")
+    assert _compose("cluster=existing").cluster.address == "auto"
+    assert _compose("logging=local").logging.mode == "disabled"
+    assert _compose("rollout=vllm_gpu").rollout.dtype == "bfloat16"
+    paper_data = _compose("data=dapo_math")
+    assert paper_data.data.train_files[0].endswith("dapo_math_17k/train.jsonl")
+    assert [f.rsplit("/", 2)[-2] for f in paper_data.data.eval_files] == ["aime24", "aime25"]
+    smoke = _compose("experiment=smoke", "trainer.total_steps=3")
+    assert smoke.experiment == "smoke" and smoke.trainer.total_steps == 3 and smoke.trainer.prompts_per_step == 4
+    validate(smoke)
+
+
+def test_a_model_preset_without_its_path_is_refused():
+    with pytest.raises(ConfigError, match=r"model.path is empty; set model.path="):
+        validate(_compose("model=hf"))
+    assert _compose("model=hf", "model.path=org/model").model.warm_start is False
+
+
+def test_resume_config_changes_name_the_keys():
+    from dataclasses import asdict
+
+    from cppo_rl.controller.trainer import config_changes
+
+    saved = asdict(_compose())
+    current = asdict(_compose("trainer.total_steps=90", "algorithm.delta=0.3", "logging.mode=disabled"))
+    assert config_changes(saved, current) == ["algorithm.delta: 0.15 -> 0.3"]
