@@ -97,7 +97,7 @@ class RewardConfig:
     """`grader`: "module:function", called as grader(response_text, gold) -> RewardOutcome in the pool's
     worker processes (each with `memory_limit_mb` MiB and a `timeout_s` deadline per sample)."""
 
-    grader: str = "cppo_rl.rewards.math_grader:grade"
+    grader: str = "cppo_rl.rewards.math_grader:grade_boxed"
     num_workers: int = 1
     timeout_s: float = 10.0
     memory_limit_mb: int = 2048

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cppo_rl.rewards.base import RewardOutcome
+
 SPLITS = ("train", "test")
 _BOXED = re.compile(r"\\boxed\{\s*([+-]?\d+)\s*\}")
 _MAX_DRAWS_PER_PROBLEM = 100
@@ -162,3 +164,13 @@ def extract_boxed_int(text: str) -> int | None:
 def grade(completion: str, answer: str) -> float:
     """1.0 when the last boxed integer of `completion` equals the integer `answer`, else 0.0."""
     return float(extract_boxed_int(completion) == int(answer))
+
+
+def boxed_integer_reward(response: str, gold: str) -> RewardOutcome:
+    """The task's training reward (a `reward.grader`): `grade` with the reason. Stricter than
+    math-verify on purpose: `\\boxed{24+16}` is not an answer to "Compute 24+16." here."""
+    if not re.search(r"\\boxed\{[^{}]*\}", response):
+        return RewardOutcome(0.0, "no_answer")
+    if extract_boxed_int(response) is None:
+        return RewardOutcome(0.0, "parse_failure")
+    return RewardOutcome(1.0, "correct") if grade(response, gold) else RewardOutcome(0.0, "wrong")

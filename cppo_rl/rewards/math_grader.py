@@ -8,6 +8,10 @@ LaTeX wrapped in `$...$`, then as it stands. Comparison is math-verify's `verify
 decimals, fractions vs decimals, symbolic equality, sets, intervals, tuples, matrices; units in
 `\\text{}` and `^\\circ` are dropped by its normalisation.
 
+`grade_boxed` is the training reward: only the last `\\boxed{}` of the response counts (no fallback to
+the last expression in the text, which a policy learns to exploit: an untrained model that echoes the
+problem "24+16." is graded correct for 40 by the fallback).
+
 Timeouts: math-verify's own timeout is signal-based (SIGALRM, whole seconds), so it is used only on
 the main thread; elsewhere grading runs without a time limit. Untrusted outputs belong in
 `RewardPool`, whose hard per-sample deadline kills the worker process.
@@ -15,6 +19,7 @@ the main thread; elsewhere grading runs without a time limit. Untrusted outputs 
 
 from __future__ import annotations
 
+import re
 import threading
 from functools import lru_cache
 from itertools import product
@@ -55,6 +60,27 @@ def grade(response: str | bytes, gold: str, *, timeout_s: int | None = 5) -> Rew
     if not extracted:
         return RewardOutcome(0.0, "no_answer")
     return _compare(gold_parsed, extracted, timeout_s)
+
+
+def grade_boxed(response: str | bytes, gold: str, *, timeout_s: int | None = 5) -> RewardOutcome:
+    """`grade` of the response's last `\\boxed{...}` (or `\\fbox{...}`) alone; "no_answer" without one."""
+    box = last_boxed(as_text(response, "response", "grade_boxed"))
+    if box is None:
+        check_gold(gold, "gold", "grade_boxed")
+        return RewardOutcome(0.0, "no_answer")
+    return grade(box, gold, timeout_s=timeout_s)
+
+
+def last_boxed(text: str) -> str | None:
+    """The last `\\boxed{...}` / `\\fbox{...}` of `text` with balanced braces, as `\\boxed{...}`; None if none closes."""
+    for start in sorted((m.start() for m in re.finditer(r"\\(?:boxed|fbox)\{", text)), reverse=True):
+        opening = text.index("{", start)
+        depth = 0
+        for index in range(opening, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[index], 0)
+            if depth == 0:
+                return "\\boxed{" + text[opening + 1 : index] + "}"
+    return None
 
 
 def math_verify_reward(response: str | bytes, gold: str) -> float:

@@ -84,7 +84,9 @@ def test_groups_pick_presets_and_experiments_apply_last():
     assert _compose("cluster=existing").cluster.address == "auto"
     assert _compose("logging=local").logging.mode == "disabled"
     assert _compose("rollout=vllm_gpu").rollout.dtype == "bfloat16"
+    assert default.reward.grader == "cppo_rl.data.arithmetic_task:boxed_integer_reward"
     paper_data = _compose("data=dapo_math")
+    assert paper_data.reward.grader == "cppo_rl.rewards.math_grader:grade_boxed"
     assert paper_data.data.train_files[0].endswith("dapo_math_17k/train.jsonl")
     assert [f.rsplit("/", 2)[-2] for f in paper_data.data.eval_files] == ["aime24", "aime25"]
     smoke = _compose("experiment=smoke", "trainer.total_steps=3")

@@ -112,3 +112,19 @@ def test_unknown_characters_are_reported():
         check_text("Compute é+1.")
     tokenizer = build_tokenizer()
     assert tokenizer.decode(tokenizer.encode("é", add_special_tokens=False), skip_special_tokens=True) == ""
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("24+16=40. \\boxed{40}", (1.0, "correct")),
+        ("\\boxed{24+16}", (0.0, "parse_failure")),  # math-verify would accept it
+        ("24+16.", (0.0, "no_answer")),
+        ("\\boxed{40} \\boxed{41}", (0.0, "wrong")),
+    ],
+)
+def test_the_task_reward_wants_a_boxed_integer(response, expected):
+    from cppo_rl.data.arithmetic_task import boxed_integer_reward
+
+    outcome = boxed_integer_reward(response, "40")
+    assert (outcome.reward, outcome.reason) == expected

@@ -138,3 +138,22 @@ def test_import_is_light():
     code = "import sys, cppo_rl.rewards; print([m for m in ('ray', 'vllm', 'deepspeed', 'torch') if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        ("24+16. \\. \\.....1....", "no_answer"),  # graded correct by `grade`'s expression fallback
+        ("so the answer is 40", "no_answer"),
+        ("\\boxed{40", "no_answer"),  # never closes
+        ("work \\boxed{40} then \\boxed{\\frac{1}{2}}", "wrong"),  # the last box counts
+        ("\\boxed{\\frac{1}{2}} then \\fbox{40}", "correct"),
+        ("nested \\boxed{\\frac{80}{2}}", "correct"),
+    ],
+)
+def test_grade_boxed_counts_only_the_last_box(response, reason):
+    from cppo_rl.rewards.math_grader import grade_boxed
+
+    assert grade_boxed(response, "40").reason == reason
+    if reason == "no_answer" and response.startswith("24+16"):
+        assert grade(response, "40").reason == "correct"  # the loophole the boxed grader closes
