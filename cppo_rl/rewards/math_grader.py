@@ -72,7 +72,7 @@ def grade_boxed(response: str | bytes, gold: str, *, timeout_s: int | None = 5) 
 
 
 def last_boxed(text: str) -> str | None:
-    """The last `\\boxed{...}` / `\\fbox{...}` of `text` with balanced braces, as `\\boxed{...}`; None if none closes."""
+    """The last `\\boxed{...}` / `\\fbox{...}` of `text` (balanced braces) as `\\boxed{...}`; None if none closes."""
     for start in sorted((m.start() for m in re.finditer(r"\\(?:boxed|fbox)\{", text)), reverse=True):
         opening = text.index("{", start)
         depth = 0
