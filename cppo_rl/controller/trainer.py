@@ -362,6 +362,7 @@ class Trainer:
                     eval_metrics, samples = self.evaluate(tokenizer, eval_examples, 0)
                     tracker.log(eval_metrics, step=0)
                     tracker.table("eval/samples", samples_columns, samples, step=0)
+                    print(f"held-out accuracy before training: {eval_metrics['eval/accuracy']:.3f}", flush=True)
                     state = RunState(evals=[[0, eval_metrics["eval/accuracy"]]], config=dataclasses.asdict(config))
                     elapsed_before = 0.0
                 state.wandb_run_id, state.config = tracker.run_id, dataclasses.asdict(config)

@@ -1,0 +1,84 @@
+"""Controller pieces without actors: history rewind on resume, resume lookup, signals, the summary screen."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from cppo_rl.config import ConfigError
+from cppo_rl.controller.progress import StopRequests, summary_screen
+from cppo_rl.controller.tracker import rewind_history
+from cppo_rl.controller.trainer import CHECKPOINTS, find_resume_checkpoint
+from cppo_rl.learner.checkpoint import finalize, staging_dir
+
+
+def _write(path, steps):
+    path.write_text("".join(json.dumps({"step": s, "x": s * 1.5}) + "\n" for s in steps))
+
+
+def test_rewind_drops_steps_after_the_checkpoint(tmp_path):
+    history = tmp_path / "metrics.jsonl"
+    _write(history, [0, 1, 2, 3])
+    assert rewind_history(history, 2) == 3
+    assert [json.loads(line)["step"] for line in history.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_rewind_copies_another_runs_history(tmp_path):
+    source, target = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    _write(source, [0, 1, 2, 3, 4])
+    assert rewind_history(target, 3, source) == 4
+    assert source.read_text().count("\n") == 5  # the source is left alone
+    assert rewind_history(tmp_path / "fresh.jsonl", 3) == 0  # nothing to keep: an empty history
+
+
+def _checkpoint(root, step):
+    staging_dir(root, step).mkdir(parents=True)
+    return finalize(root, step, {"trainer": {"step": step}})
+
+
+def test_resume_lookup(tmp_path):
+    run = tmp_path / "run"
+    assert find_resume_checkpoint("never", run) is None
+    assert find_resume_checkpoint("auto", run) is None  # nothing written yet: start fresh
+    staging_dir(run / CHECKPOINTS, 5).mkdir(parents=True)  # a half-written checkpoint from a crash
+    first = _checkpoint(run / CHECKPOINTS, 2)
+    assert find_resume_checkpoint("auto", run) == first
+    assert not staging_dir(run / CHECKPOINTS, 5).exists()  # cleaned before resuming
+    second = _checkpoint(run / CHECKPOINTS, 4)
+    assert find_resume_checkpoint(str(run), tmp_path / "elsewhere") == second  # a run directory
+    assert find_resume_checkpoint(str(first), tmp_path / "elsewhere") == first  # one checkpoint
+    with pytest.raises(ConfigError, match="no complete checkpoint there"):
+        find_resume_checkpoint(str(tmp_path / "empty"), run)
+
+
+def test_the_first_signal_requests_a_stop_and_the_second_aborts():
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM would kill
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_summary_screen_says_where_things_are_and_how_to_resume():
+    summary = {
+        "algorithm": "cppo",
+        "steps": 3,
+        "wall_seconds": 61.0,
+        "eval_accuracy_start": 0.25,
+        "eval_accuracy_end": 0.5,
+        "eval_accuracy_best": 0.5,
+        "mean_step_seconds": {"generate": 1.0, "learner": 2.0},
+        "checkpoint": "/r/checkpoints/step_000003",
+        "wandb_dir": None,
+        "interrupted_by": "SIGINT",
+    }
+    screen = summary_screen(summary, "/r", "python -m cppo_rl.train trainer.resume=auto")
+    assert "stopped early by SIGINT" in screen and "start 0.250  ->  end 0.500" in screen
+    assert "generate 1.00s  learner 2.00s" in screen and "W&B                disabled" in screen
+    assert screen.splitlines()[-1].endswith("python -m cppo_rl.train trainer.resume=auto")
