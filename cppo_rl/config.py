@@ -8,6 +8,7 @@ naming the keys and the fix. Batch sizes are named so prompts are not confused w
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def validate(config: TrainConfig) -> None:
         )
     if a.position_horizon not in ("max_response_length", "sequence", "padded"):
         problems.append(f"algorithm.position_horizon={a.position_horizon!r}: use max_response_length/sequence/padded")
-    if c.address is None and c.num_gpus == 0:
+    if c.address is None and not os.environ.get("RAY_ADDRESS") and c.num_gpus == 0:
         wanted = r.num_engines * c.cpus_per_engine + lrn.world_size * c.cpus_per_learner
         if wanted > c.num_cpus:
             problems.append(

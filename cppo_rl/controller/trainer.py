@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -159,7 +160,7 @@ class Trainer:
         engine = {"CPU": c.cpus_per_engine, **({"GPU": r.tensor_parallel_size} if gpu else {})}
         rank = {"CPU": c.cpus_per_learner, **({"GPU": 1} if gpu else {})}
         bundles = [engine] * r.num_engines + [rank] * lrn.world_size
-        group = placement_group(bundles, strategy=c.placement_strategy, name=f"cppo_rl-{self.run_dir.name}")
+        group = self.placement_group = placement_group(bundles, strategy=c.placement_strategy)
         try:
             ray.get(group.ready(), timeout=300)
         except ray.exceptions.GetTimeoutError:
@@ -319,10 +320,11 @@ class Trainer:
         config, started = self.config, time.perf_counter()
         c, r, t = config.cluster, config.rollout, config.trainer
         if not ray.is_initialized():
+            address = c.address or os.environ.get("RAY_ADDRESS")  # None: start a local cluster
             ray.init(
-                address=c.address,
-                num_cpus=None if c.address else c.num_cpus,
-                num_gpus=None if c.address else c.num_gpus,
+                address=address,
+                num_cpus=None if address else c.num_cpus,
+                num_gpus=None if address else c.num_gpus,
                 include_dashboard=False,
                 log_to_driver=False,
             )
@@ -416,6 +418,7 @@ class Trainer:
             self.rewards.close()
             self.rollout.shutdown()
             self.learner.shutdown()
+            ray.util.remove_placement_group(self.placement_group)  # the next run of a --multirun needs it
 
     def _step(self, step, loader, tokenizer, sampling, advantage) -> dict[str, float]:
         timings = {}

@@ -37,8 +37,13 @@ def _command(output_dir: Path, run_name: str, *extra: str) -> list[str]:
     ]
 
 
+# planted in the environment of the runs: no file a run writes, and nothing it prints, may contain them
+SECRETS = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdefplanted", "HF_TOKEN": "hf_plantedFakeTokenForLeakCheck"}
+
+
 def _environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SUPPORT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(SUPPORT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **SECRETS, "PYTHONPATH": path}
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -62,6 +67,8 @@ def full_run(tmp_path_factory) -> Path:
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir == output / "full"
     assert "held-out accuracy  start" in result.stdout  # the end-of-run summary screen
+    for secret in SECRETS.values():
+        assert secret not in result.stdout + result.stderr
     return run_dir
 
 
@@ -161,3 +168,11 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_ru
     # the same W&B run continues
     wandb_runs = {p.name.rsplit("-", 1)[-1] for p in (cut_dir / "wandb").glob("offline-run-*")}
     assert len(wandb_runs) == 1
+
+
+def test_no_secret_from_the_environment_reaches_the_run_files(full_run):
+    """Checkpoints, the saved configs, metrics, W&B's files and logs: none holds a planted secret."""
+    files = [path for path in full_run.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".wandb" for path in files) and any(path.name == "config.yaml" for path in files)
+    leaks = [(path, name) for path in files for name, secret in SECRETS.items() if secret.encode() in path.read_bytes()]
+    assert leaks == []
