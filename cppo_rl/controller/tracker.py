@@ -76,5 +76,25 @@ class Tracker:
 
         self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
+    def position_profile(self, metrics: dict[str, float], step: int) -> None:
+        """A W&B chart of this step's mean divergence and mask rate per response-position decile (0 = the
+        start of the response), from the learner's `actor/*_decile_*` metrics; nothing when absent."""
+        import wandb
+
+        series = {
+            label: [metrics.get(f"actor/{name}_decile_{d}") for d in range(10)]
+            for label, name in (("mean divergence", "divergence_mean"), ("masked fraction", "masked_frac"))
+        }
+        series = {label: values for label, values in series.items() if None not in values}
+        if series and self.mode != "disabled":
+            chart = wandb.plot.line_series(
+                xs=list(range(10)),
+                ys=list(series.values()),
+                keys=list(series),
+                title=f"by position decile, step {step}",
+                xname="position decile",
+            )
+            self.run.log({"charts/position_profile": chart}, step=step)
+
     def finish(self) -> None:
         self.run.finish()

@@ -380,6 +380,7 @@ class Trainer:
                         metrics.update(eval_metrics)
                         state.evals.append([step, eval_metrics["eval/accuracy"]])
                         tracker.table("eval/samples", samples_columns, samples, step=step)
+                        tracker.position_profile(metrics, step)
                     tracker.log(metrics, step=step)
                     progress.update(step, metrics)
                     state.step, state.loader = step, loader.state_dict()
