@@ -60,6 +60,7 @@ class DataConfig:
     eval_prompts: int = 64
     shuffle: bool = True
     seed: int = 0
+    prompt_template: str = "{prompt}"  # the user turn; "{prompt}" is the row's problem text
 
 
 @dataclass
@@ -110,7 +111,9 @@ class ClusterConfig:
 
     address: str | None = None
     num_cpus: int = 2
-    num_gpus: int = 0
+    num_gpus: int = 0  # in the whole cluster; > 0 runs engines and learner ranks on GPUs
+    num_nodes: int = 1  # for the preflight plan (python -m cppo_rl.plan): num_gpus / num_nodes per node
+    gpu_memory_gib: float = 80.0  # per GPU, for the preflight plan
     cpus_per_engine: float = 0.5
     cpus_per_learner: float = 0.5
     placement_strategy: str = "PACK"  # of the placement group holding every engine and learner rank
@@ -220,6 +223,13 @@ def validate(config: TrainConfig) -> None:
                 f"{r.num_engines} engines x cluster.cpus_per_engine={c.cpus_per_engine} + {lrn.world_size} learner "
                 f"ranks x cluster.cpus_per_learner={c.cpus_per_learner} = {wanted} CPUs > cluster.num_cpus={c.num_cpus}"
             )
+    if "{prompt}" not in config.data.prompt_template:
+        problems.append("data.prompt_template must contain {prompt} (where the row's problem text goes)")
+    if c.num_gpus and (c.num_nodes < 1 or c.num_gpus % c.num_nodes):
+        problems.append(
+            f"cluster.num_gpus={c.num_gpus} does not split evenly over cluster.num_nodes={c.num_nodes}; "
+            "give the total GPU count of identical nodes"
+        )
     grader_problem = _check_import_path(config.reward.grader)
     if grader_problem:
         problems.append(f"reward.grader={config.reward.grader!r}: {grader_problem}")

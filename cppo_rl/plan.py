@@ -6,8 +6,10 @@ rollout engine (`rollout_memory`); the result lists every number that does not f
 key to turn. Pure Python (no torch, Ray or vLLM): it runs on a laptop. Sizes are bytes; reports
 are in GiB (2**30 bytes). The formulas, their sources and assumptions are in docs/planner.md.
 
+    python -m cppo_rl.plan experiment=qwen3_8b_base [overrides]   # a run's config, as train composes it
+    python -m cppo_rl.train experiment=qwen3_8b_base --plan-only    # the same, from the train entry point
     python -m cppo_rl.plan --model qwen3_8b --nodes 1 --gpus-per-node 8 --engines 4 --learner-ranks 4 \
-        --seq-len 9216 --concurrency 256    # exits 1 when the plan is infeasible
+        --seq-len 9216 --concurrency 256    # plain numbers; each form exits 1 when the plan is infeasible
 """
 
 from __future__ import annotations
@@ -474,8 +476,49 @@ def _positive(kind: type) -> object:
     return parse
 
 
+def plan_config(config: object) -> Plan:
+    """The plan of a training run's `cppo_rl.config.TrainConfig` on its GPU cluster (`cluster.num_gpus`
+    over `cluster.num_nodes`, `cluster.gpu_memory_gib` each); raises PlanError for a CPU run."""
+    c, r, t, lrn = config.cluster, config.rollout, config.trainer, config.learner
+    if c.num_gpus < 1:
+        raise PlanError("cluster.num_gpus=0: a CPU run has no GPU memory to plan; set cluster.num_gpus")
+    layout = ClusterLayout(
+        c.num_nodes, c.num_gpus // c.num_nodes, c.gpu_memory_gib, r.num_engines, r.tensor_parallel_size, lrn.world_size
+    )
+    return plan(
+        load_shape(config.model.path),
+        layout,
+        micro_batch_size=lrn.micro_batch_size,
+        seq_len=r.max_model_len,
+        concurrency=math.ceil(t.prompts_per_step * t.samples_per_prompt / r.num_engines),
+        gradient_checkpointing=lrn.gradient_checkpointing,
+        logprob_chunk_size=lrn.logprob_chunk_size,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+    )
+
+
+def main_overrides(overrides: list[str]) -> int:
+    """`python -m cppo_rl.plan experiment=qwen3_8b_base ...`: compose the run's config as train does, plan it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from cppo_rl.config import TrainConfig, validate
+    from cppo_rl.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        config: TrainConfig = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    validate(config)
+    result = plan_config(config)
+    print(result.render())
+    return 0 if result.feasible else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: print the plan; exit 0 when feasible, 1 when not (2 on bad arguments)."""
+    """CLI: print the plan; exit 0 when feasible, 1 when not (2 on bad arguments). Arguments that are all
+    Hydra overrides (key=value) plan a run's config instead of the flags."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and all("=" in a and not a.startswith("-") for a in argv):
+        return main_overrides([a.removeprefix("+") if a.startswith("+experiment=") else a for a in argv])
     parser = argparse.ArgumentParser(prog="python -m cppo_rl.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}), config.json or directory")
     parser.add_argument("--nodes", type=_positive(int), default=1)

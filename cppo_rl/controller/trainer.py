@@ -257,12 +257,11 @@ class Trainer:
         return path
 
     def _encode(self, tokenizer, examples: list[Example]) -> list[list[int]]:
-        return [
-            tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}], add_generation_prompt=True)[
-                "input_ids"
-            ]
-            for e in examples
-        ]
+        """Token ids of each example's chat prompt: `data.prompt_template` with "{prompt}" replaced by the
+        row's problem text (a plain replace: the template may hold other braces, e.g. \\boxed{})."""
+        template = self.config.data.prompt_template
+        turns = [[{"role": "user", "content": template.replace("{prompt}", e.prompt)}] for e in examples]
+        return [tokenizer.apply_chat_template(turn, add_generation_prompt=True)["input_ids"] for turn in turns]
 
     def resume_command(self) -> str:
         """The command line that continues this run: its own overrides, plus the run directory and resume."""
