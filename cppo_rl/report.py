@@ -17,19 +17,23 @@ import json
 import sys
 from pathlib import Path
 
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to manage
+
 DECILES = range(10)
 PHASES = ("generate", "reward", "learner", "sync")
-HEALTH = {
-    "actor/entropy": "entropy (nats)",
-    "actor/grad_norm": "grad norm",
-    "actor/lr": "learning rate",
-    "train/response_length_mean": "response length (tokens)",
-    "actor/rollout_learner_logprob_mismatch": "|log mu - log pi| (first mini-batch)",
+HEALTH = {  # panel title -> (y label, {metric: line label})
+    "policy entropy": ("nats per token", {"actor/entropy": "entropy"}),
+    "gradient norm": ("L2 norm, before clipping", {"actor/grad_norm": "grad norm"}),
+    "learning rate": ("lr", {"actor/lr": "lr"}),
+    "response length": ("tokens", {"train/response_length_mean": "mean", "train/response_length_max": "max"}),
+    "rollout/learner mismatch": ("|log mu - log pi| (nats)", {"actor/rollout_learner_logprob_mismatch": "mismatch"}),
 }
 
 
 def load_history(run_dir: Path) -> list[dict]:
     """The records of `run_dir/metrics.jsonl`; raises ValueError naming the file (and line) when unusable."""
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run directory")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no such file; is {run_dir} a cppo_rl run directory?")
@@ -49,125 +53,128 @@ def load_history(run_dir: Path) -> list[dict]:
     return records
 
 
-def series(history: list[dict], name: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of metric `name` over the records that have it."""
-    points = [(r["step"], float(r[name])) for r in history if name in r]
-    return [s for s, _ in points], [v for _, v in points]
-
-
-def _figure(panels: int = 1, width: float = 7.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(panels, 1, figsize=(width, 3.2 * panels), squeeze=False)
-    return figure, [axis for row in axes for axis in row]
-
-
-def _lines(axis, history: list[dict], labelled: dict[str, str], *, marker: str | None = None) -> bool:
-    drawn = False
+def _lines(axis, history: list[dict], labelled: dict[str, str], **style) -> None:
+    """One line per metric over the records that logged it."""
     for name, label in labelled.items():
-        steps, values = series(history, name)
-        if steps:
-            axis.plot(steps, values, label=label, marker=marker)
-            drawn = True
-    return drawn
+        if rows := [r for r in history if name in r]:
+            axis.plot([r["step"] for r in rows], [float(r[name]) for r in rows], label=label, **style)
 
 
-def chart_reward_accuracy(history: list[dict]):
-    figure, (axis,) = _figure()
+def _logged(history: list[dict], *names: str) -> bool:
+    return any(name in record for record in history for name in names)
+
+
+def _finish(axis, title: str, ylabel: str, legend: bool = True) -> None:
+    axis.set(title=title, xlabel="step", ylabel=ylabel)
+    axis.grid(alpha=0.3)
+    if legend and axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize="small")
+
+
+def chart_reward_accuracy(history: list[dict]) -> Figure | None:
+    """Train reward per step; held-out accuracy with a marker at each evaluation."""
+    if not _logged(history, "train/reward", "eval/accuracy"):
+        return None
+    figure = Figure(figsize=(7, 3.2))
+    axis = figure.subplots()
     _lines(axis, history, {"train/reward": "train reward (mean over the step's samples)"})
     _lines(axis, history, {"eval/accuracy": "held-out accuracy (Avg@k)"}, marker="o")
-    axis.set(title="Reward and held-out accuracy", xlabel="step", ylabel="reward / accuracy", ylim=(-0.02, 1.02))
-    return figure, axis
+    axis.set_ylim(-0.02, 1.02)
+    _finish(axis, "Reward and held-out accuracy", "reward / accuracy (0-1)")
+    return figure
 
 
-def chart_masked_fraction(history: list[dict]):
-    figure, (axis,) = _figure()
-    _lines(
-        axis,
-        history,
-        {
-            "actor/masked_frac": "masked (all causes)",
-            "actor/masked_by_token_frac": "by the token rule",
-            "actor/masked_by_prefix_frac": "by the prefix budget",
-        },
-    )
-    axis.set(title="Masked token fraction by cause", xlabel="step", ylabel="fraction of response tokens")
-    return figure, axis
+def chart_masked_fraction(history: list[dict]) -> Figure | None:
+    """Masked fraction of response tokens: all causes, the token rule, the prefix budget."""
+    causes = {
+        "actor/masked_frac": ("masked (all causes)", {"color": "black", "linewidth": 2.5}),
+        "actor/masked_by_token_frac": ("by the token rule", {"linestyle": "--"}),
+        "actor/masked_by_prefix_frac": ("by the prefix budget", {"linestyle": ":"}),
+    }
+    if not _logged(history, *causes):
+        return None
+    figure = Figure(figsize=(7, 3.2))
+    axis = figure.subplots()
+    for name, (label, style) in causes.items():
+        _lines(axis, history, {name: label}, **style)
+    axis.set_ylim(-0.02 * axis.get_ylim()[1], axis.get_ylim()[1])  # fractions: no negative axis, zero stays visible
+    _finish(axis, "Masked token fraction by cause", "fraction of response tokens")
+    return figure
 
 
-def chart_divergence_by_position(history: list[dict]):
-    """Two heatmaps, x = step, y = position decile (0 = response start): mean divergence and mask rate."""
-    figure, axes = _figure(2)
-    for axis, prefix, title in (
-        (axes[0], "actor/divergence_mean_decile_", "mean divergence D_t"),
-        (axes[1], "actor/masked_frac_decile_", "masked fraction"),
+def chart_divergence_by_position(history: list[dict]) -> Figure | None:
+    """Heatmaps, x = step, y = position decile (0 = response start): mean divergence, mask rate."""
+    panels = []
+    for prefix, label in (
+        ("actor/divergence_mean_decile_", "mean divergence D_t"),
+        ("actor/masked_frac_decile_", "masked fraction"),
     ):
         rows = [r for r in history if all(f"{prefix}{d}" in r for d in DECILES)]
-        grid = [[r[f"{prefix}{d}"] for r in rows] for d in DECILES]
-        steps = [r["step"] for r in rows]
-        image = axis.imshow(
-            grid, aspect="auto", origin="lower", interpolation="nearest", extent=(steps[0], steps[-1], -0.5, 9.5)
-        )
-        figure.colorbar(image, ax=axis, label=title)
-        axis.set(title=f"{title} by position decile", xlabel="step", ylabel="position decile")
-    return figure, axes
+        if rows:
+            panels.append((label, [r["step"] for r in rows], [[r[f"{prefix}{d}"] for r in rows] for d in DECILES]))
+    if not panels:
+        return None
+    figure = Figure(figsize=(7, 3.2 * len(panels)))
+    axes = figure.subplots(len(panels), 1, squeeze=False)
+    for axis, (label, steps, grid) in zip(axes[:, 0], panels, strict=True):
+        peak = max(max(row) for row in grid)
+        mesh = axis.pcolormesh(steps, list(DECILES), grid, shading="nearest", vmin=0, vmax=peak or 1.0)
+        figure.colorbar(mesh, ax=axis, label=label)
+        axis.set(title=f"{label} by position decile", xlabel="step", ylabel="position decile (0 = start)")
+    return figure
 
 
-def chart_step_time(history: list[dict]):
-    figure, (axis,) = _figure()
+def chart_step_time(history: list[dict]) -> Figure | None:
+    """Seconds per phase, stacked, over the steps that logged every phase."""
     rows = [r for r in history if all(f"time/{p}_s" in r for p in PHASES)]
+    if not rows:
+        return None
+    figure = Figure(figsize=(7, 3.2))
+    axis = figure.subplots()
     axis.stackplot([r["step"] for r in rows], [[r[f"time/{p}_s"] for r in rows] for p in PHASES], labels=PHASES)
-    axis.set(title="Step time by phase", xlabel="step", ylabel="seconds")
-    return figure, axis
+    axis.set_ylim(0, 1.25 * max(sum(r[f"time/{p}_s"] for p in PHASES) for r in rows))  # room for the legend
+    _finish(axis, "Step time by phase", "seconds", legend=False)
+    axis.legend(loc="upper left", ncol=len(PHASES), fontsize="small")
+    return figure
 
 
-def chart_training_health(history: list[dict]):
-    present = {name: label for name, label in HEALTH.items() if series(history, name)[0]}
-    figure, axes = _figure(len(present))
-    for axis, (name, label) in zip(axes, present.items(), strict=True):
-        _lines(axis, history, {name: label})
-        axis.set(title=label, xlabel="step")
-    return figure, axes
+def chart_training_health(history: list[dict]) -> Figure | None:
+    """One small panel per health metric the run logged."""
+    present = {title: panel for title, panel in HEALTH.items() if _logged(history, *panel[1])}
+    if not present:
+        return None
+    figure = Figure(figsize=(7, 2.6 * len(present)))
+    axes = figure.subplots(len(present), 1, squeeze=False)
+    for axis, (title, (ylabel, labelled)) in zip(axes[:, 0], present.items(), strict=True):
+        _lines(axis, history, labelled)
+        _finish(axis, title, ylabel, legend=len(axis.lines) > 1)
+    return figure
 
 
 CHARTS = {
-    "reward_accuracy.png": (chart_reward_accuracy, ("train/reward",)),
-    "masked_fraction.png": (chart_masked_fraction, ("actor/masked_frac",)),
-    "divergence_by_position.png": (
-        chart_divergence_by_position,
-        tuple(f"actor/{kind}_decile_{d}" for kind in ("divergence_mean", "masked_frac") for d in DECILES),
-    ),
-    "step_time.png": (chart_step_time, tuple(f"time/{p}_s" for p in PHASES)),
-    "training_health.png": (chart_training_health, ()),
+    "reward_accuracy.png": chart_reward_accuracy,
+    "masked_fraction.png": chart_masked_fraction,
+    "divergence_by_position.png": chart_divergence_by_position,
+    "step_time.png": chart_step_time,
+    "training_health.png": chart_training_health,
 }
-"""file name -> (chart function, the metrics it needs in at least one record)."""
 
 
-def render_report(run_dir: Path, out_dir: Path | None = None, log=print) -> list[Path]:
-    """Write every chart the run's history supports; returns the PNG paths written."""
-    import matplotlib.pyplot as plt
-
+def render_report(
+    run_dir: Path, out_dir: Path | None = None, log=lambda note: print(note, file=sys.stderr)
+) -> list[Path]:
+    """Write every chart the run's history supports (`log` gets a note per skipped one); returns the PNG paths."""
     history = load_history(run_dir)
     out_dir = out_dir or run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, (chart, needed) in CHARTS.items():
-        complete = any(all(name in record for name in needed) for record in history)
-        if not complete or (chart is chart_training_health and not any(series(history, n)[0] for n in HEALTH)):
-            log(f"skipped {file_name}: the run logged none of its metrics")
+    for file_name, chart in CHARTS.items():
+        figure = chart(history)
+        if figure is None:
+            log(f"skipped {file_name}: its metrics are not in the run's history")
             continue
-        figure, axes = chart(history)
-        for axis in axes if isinstance(axes, list) else [axes]:
-            if axis.get_legend_handles_labels()[0]:
-                axis.legend(fontsize="small")
-            if axis.lines:  # not over heatmaps
-                axis.grid(alpha=0.3)
         figure.tight_layout()
         figure.savefig(out_dir / file_name, dpi=110)
-        plt.close(figure)
         written.append(out_dir / file_name)
     return written
 
