@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("chunked_logprobs", "policy_mask_cost", "weight_sync", "rollout_throughput", "scaling")
+BENCHMARKS = ("chunked_logprobs", "policy_mask_cost", "weight_sync", "rollout_throughput", "scaling", "trl_compare")
 
 
 def main() -> None:

@@ -1,0 +1,425 @@
+"""End to end against TRL: a training step of cppo_rl vs TRL's GRPOTrainer on the same model, data and batch.
+
+Both sides train the project's warm-started tiny Qwen3 (`cppo_rl.data.warmstart.ensure_warm_model`,
+cached under .cache/models) on the generated arithmetic task's train split, graded by the task's own
+boxed-integer reward (`cppo_rl.data.arithmetic_task.boxed_integer_reward`), with the same prompts x
+samples per step, response length, learning rate (AdamW, constant, no warm-up, weight decay 0, grad
+clip 1), temperature 1, one optimizer step per rollout, GRPO advantages (group mean and std), the
+clipped ratio loss (0.2 / 0.28) summed over tokens / (responses x max length), no KL term:
+- cppo_rl: `python -m cppo_rl.train algorithm=grpo ...` (Ray, one vLLM-CPU engine, one ZeRO-3 rank,
+  the reward pool), its seconds per step from the run's metrics.jsonl (`time/step_s`);
+- TRL: `GRPOTrainer` (transformers generation on the CPU, `use_vllm=False`) in its own virtualenv,
+  `.cache/bench/trl-venv`, made by this script (`pip install -c requirements/cpu.txt trl math-verify`,
+  so torch and transformers stay at the locked CPU versions); seconds from a callback around each
+  optimizer step (generation, rewards, forward, backward, step).
+Seconds per step exclude start-up and the first step (warm-up): the mean of steps 2..N of each side.
+Reward: the mean train reward over the last steps. Before training, the TRL child checks that it
+sees what cppo_rl sees: the same prompt token ids (its own `_tokenize_prompts` against cppo_rl's
+`Trainer._encode`), the same log-probabilities of the model on a fixed sequence, the same rewards.
+The two runs cannot be interleaved; they run one after the other.
+
+    python -m bench.trl_compare [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import peak_rss_mib, print_table, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".cache" / "bench" / "trl_compare"
+VENV = ROOT / ".cache" / "bench" / "trl-venv"
+INSTALL = ["trl", "math-verify"]  # constrained by requirements/cpu.txt: torch, transformers, accelerate as locked
+SIZES = {  # prompts per step, samples per prompt, max response tokens, micro-batch, steps, lr
+    "full": {"prompts": 16, "samples": 16, "length": 32, "micro_batch": 16, "steps": 20, "lr": 5e-5},
+    "quick": {"prompts": 4, "samples": 4, "length": 32, "micro_batch": 16, "steps": 3, "lr": 5e-5},
+}
+CHECK_TEXTS = ["12+30=42. \\boxed{42}", "\\boxed{41}", "42", "\\boxed{12+30}", "12+30=42. \\boxed{ 42 }"]
+CHECK_GOLD = "42"
+CHECK_PROMPTS = 4
+
+
+def _env() -> dict:
+    cache = ROOT / ".cache"
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(cache / "huggingface"),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "WANDB_DIR": str(cache / "wandb"),
+        "WANDB_MODE": "disabled",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+# -- the TRL virtualenv ---------------------------------------------------------------------------------
+
+
+def ensure_trl_venv(log=print) -> dict:
+    """Create (or reuse) the TRL virtualenv; return what is installed there. Raises RuntimeError with pip's
+    output when the install fails."""
+    lock = ROOT / "requirements" / "cpu.txt"
+    key = hashlib.sha256((lock.read_text() + json.dumps(INSTALL)).encode()).hexdigest()[:16]
+    stamp, python = VENV / ".bench-installed", VENV / "bin" / "python"
+    started = time.perf_counter()
+    if not (stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and python.exists()):
+        shutil.rmtree(VENV, ignore_errors=True)
+        log(f"creating {VENV} and installing {' '.join(INSTALL)} constrained by {lock.name} (a few minutes)")
+        base = getattr(sys, "_base_executable", None) or shutil.which("python3") or "python3"  # not a venv's python
+        for command in (
+            [base, "-m", "venv", str(VENV)],
+            [str(python), "-m", "pip", "install", "-q", "-c", str(lock), *INSTALL],
+        ):
+            result = subprocess.run(command, capture_output=True, text=True, check=False, env=_env())
+            if result.returncode != 0:
+                output = "\n".join(
+                    line for line in (result.stdout + result.stderr).splitlines() if "is ignored" not in line
+                )
+                raise RuntimeError(f"{' '.join(command)} failed:\n{output[-4000:]}")
+        stamp.write_text(json.dumps({"key": key}))
+    packages = ("trl", "torch", "transformers", "accelerate", "datasets")
+    script = f"import importlib.metadata as m, json; print(json.dumps({{p: m.version(p) for p in {packages!r}}}))"
+    versions = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
+    return {"python": str(python), "versions": json.loads(versions.stdout), "setup_s": time.perf_counter() - started}
+
+
+# -- what both sides must agree on --------------------------------------------------------------------
+
+
+def reference(model_dir: str) -> dict:
+    """cppo_rl's view, computed in the project's venv: prompt ids, model logprobs of a fixed sequence, rewards."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cppo_rl.config import TrainConfig
+    from cppo_rl.controller.trainer import Trainer
+    from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig, boxed_integer_reward, generate_splits
+    from cppo_rl.data.dataset import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    problems = generate_splits(ArithmeticTaskConfig())["train"][:CHECK_PROMPTS]
+    examples = [Example(prompt=p.prompt, answer=p.answer, source=f"train:{p.id}") for p in problems]
+    with tempfile.TemporaryDirectory() as run_dir:
+        prompt_ids = Trainer(TrainConfig(), Path(run_dir))._encode(tokenizer, examples)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return {
+        "prompts": [p.prompt for p in problems],
+        "prompt_ids": prompt_ids,
+        "sequence_logprobs": _sequence_logprobs(model, prompt_ids[0] + tokenizer.encode(CHECK_TEXTS[0])),
+        "rewards": [boxed_integer_reward(text, CHECK_GOLD).reward for text in CHECK_TEXTS],
+    }
+
+
+def _sequence_logprobs(model, ids: list[int]) -> list[float]:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+# -- the TRL side (runs in the TRL venv) ------------------------------------------------------------
+
+
+def trl_child(spec: dict) -> dict:
+    """Train with TRL's GRPOTrainer per `spec`; check first against `spec["reference"]`."""
+    started = time.perf_counter()
+    import tempfile
+
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig, boxed_integer_reward, generate_splits
+
+    size, ref = spec["size"], spec["reference"]
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    train = generate_splits(ArithmeticTaskConfig())["train"]
+    rows = [{"prompt": [{"role": "user", "content": p.prompt}], "answer": p.answer} for p in train]
+    dataset = Dataset.from_list(rows)
+
+    def arithmetic_reward(completions, answer, **_) -> list[float]:
+        return [boxed_integer_reward(c[-1]["content"], a).reward for c, a in zip(completions, answer, strict=True)]
+
+    responses = size["prompts"] * size["samples"]
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl_grpo_"),
+        per_device_train_batch_size=size["micro_batch"],
+        gradient_accumulation_steps=responses // size["micro_batch"],
+        num_generations=size["samples"],
+        max_completion_length=size["length"],
+        learning_rate=size["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type="dr_grpo",
+        scale_rewards="group",
+        max_steps=size["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        use_vllm=False,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin, self.seconds = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.begin)
+
+    clock = Clock()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    # the checks: TRL's own prompt tokenisation, the model it trains, the reward it sees
+    conversations = [[{"role": "user", "content": p}] for p in ref["prompts"]]
+    prompt_ids = [list(ids) for ids in trainer._tokenize_prompts(conversations)[0]]
+    sequence = ref["prompt_ids"][0] + tokenizer.encode(CHECK_TEXTS[0])
+    logprob_gap = max(
+        abs(a - b) for a, b in zip(_sequence_logprobs(trainer.model, sequence), ref["sequence_logprobs"], strict=True)
+    )
+    completions = [[{"role": "assistant", "content": text}] for text in CHECK_TEXTS]
+    rewards = arithmetic_reward(completions, [CHECK_GOLD] * len(CHECK_TEXTS))
+    checks = {
+        "prompt_ids_equal": prompt_ids == ref["prompt_ids"],
+        "max_logprob_difference": logprob_gap,
+        "rewards_equal": rewards == ref["rewards"],
+    }
+    if not (checks["prompt_ids_equal"] and checks["rewards_equal"] and logprob_gap <= 1e-4):
+        return {"error": f"TRL does not see what cppo_rl sees: {checks}", "checks": checks}
+    startup = time.perf_counter() - started
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    return {
+        "versions": {"trl": trl.__version__, "torch": torch.__version__},
+        "threads": torch.get_num_threads(),
+        "startup_s": startup,
+        "step_seconds": clock.seconds,
+        "rewards": [entry["reward"] for entry in logs],
+        "response_length_mean": [entry.get("completions/mean_length") for entry in logs],
+        "peak_rss_mib": peak_rss_mib(),
+        "wall_s": time.perf_counter() - started,
+        "checks": checks,
+    }
+
+
+def run_trl(python: str, spec: dict, timeout: int) -> dict:
+    """The TRL side in the TRL venv (the repository root on its path); a dict with `error` when it fails."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    spec_path, log_path = WORK / "trl_spec.json", WORK / "trl.log"
+    spec_path.write_text(json.dumps(spec))
+    try:
+        result = subprocess.run(
+            [python, "-m", "bench.trl_compare", "--trl-child", str(spec_path)],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"TRL run exceeded {timeout} s"}
+    log_path.write_text(result.stdout + result.stderr)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return {"error": f"TRL run failed (exit {result.returncode}), log {log_path}:\n{result.stderr[-3000:]}"}
+    return json.loads(lines[-1])
+
+
+# -- the cppo_rl side ---------------------------------------------------------------------------------
+
+
+def run_cppo(model_dir: str, size: dict, timeout: int) -> dict:
+    """`python -m cppo_rl.train` with the matching overrides; step seconds and rewards from metrics.jsonl."""
+    run_dir = WORK / "cppo_rl"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    responses = size["prompts"] * size["samples"]
+    overrides = [
+        "algorithm=grpo",
+        "logging=local",
+        f"model.path={model_dir}",
+        f"trainer.total_steps={size['steps']}",
+        f"trainer.prompts_per_step={size['prompts']}",
+        f"trainer.samples_per_prompt={size['samples']}",
+        f"trainer.minibatch_prompts={size['prompts']}",
+        "trainer.eval_every=0",
+        "trainer.progress_bar=false",
+        f"trainer.output_dir={WORK}",
+        "trainer.run_name=cppo_rl",
+        "trainer.seed=0",
+        f"rollout.max_response_length={size['length']}",
+        "rollout.temperature=1.0",
+        f"learner.lr={size['lr']}",
+        f"learner.micro_batch_size={min(size['micro_batch'], responses)}",
+        "learner.weight_decay=0.0",
+        "learner.grad_clip=1.0",
+        "learner.warmup_steps=0",
+        "learner.lr_schedule=constant",
+        "data.eval_prompts=16",
+        "rollout.eval_samples=1",
+    ]
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "cppo_rl.train", *overrides],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"cppo_rl run exceeded {timeout} s", "overrides": overrides}
+    wall = time.perf_counter() - started
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "cppo_rl.log").write_text(result.stdout + result.stderr)
+    history = run_dir / "metrics.jsonl"
+    if result.returncode != 0 or not history.is_file():
+        return {"error": f"cppo_rl run failed (exit {result.returncode}):\n{result.stderr[-3000:]}"}
+    steps = [row for row in map(json.loads, history.read_text().splitlines()) if "time/step_s" in row]
+    return {
+        "overrides": overrides,
+        "step_seconds": [row["time/step_s"] for row in steps],
+        "phase_seconds": {
+            phase: [row[f"time/{phase}_s"] for row in steps] for phase in ("generate", "reward", "learner", "sync")
+        },
+        "rewards": [row["train/reward"] for row in steps],
+        "response_length_mean": [row["train/response_length_mean"] for row in steps],
+        "wall_s": wall,
+    }
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+
+
+def summarise(side: dict, last: int) -> dict:
+    seconds = side["step_seconds"][1:] or side["step_seconds"]
+    return {
+        "s_per_step": statistics.fmean(seconds),
+        "median_s_per_step": statistics.median(seconds),
+        "first_step_s": side["step_seconds"][0],
+        "reward_first": side["rewards"][0],
+        "reward_last": statistics.fmean(side["rewards"][-last:]),
+        "response_length": statistics.fmean(x for x in side["response_length_mean"] if x is not None),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 prompts x 4 samples, 3 steps")
+    parser.add_argument("--trl-child", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.trl_child:
+        print(json.dumps(trl_child(json.loads(Path(args.trl_child).read_text()))))
+        return
+    from cppo_rl.data.warmstart import ensure_warm_model
+
+    size = SIZES["quick" if args.quick else "full"]
+    name = "trl_compare" + ("_quick" if args.quick else "")
+    goal = "cppo_rl's training step no slower than TRL GRPOTrainer's (ratio TRL s/step / cppo_rl s/step >= 1)"
+    model_dir = str(ensure_warm_model().path)
+    figures = {"size": size, "model_dir": model_dir}
+    try:
+        venv = ensure_trl_venv()
+    except RuntimeError as error:
+        print(f"\nTRL could not be installed:\n{error}")
+        path = write_result(name, ratio=None, goal=goal, met=False, error=str(error), **figures)
+        print(f"\nwrote {path}")
+        return
+    figures["trl_venv"] = venv
+    spec = {"model_dir": model_dir, "size": size, "reference": reference(model_dir)}
+    timeout = 600 if args.quick else 1500
+    load = {"trl_start": os.getloadavg()}
+    trl_side = run_trl(venv["python"], spec, timeout)
+    if "error" in trl_side:
+        print(f"\nTRL side did not run:\n{trl_side['error']}")
+        path = write_result(name, ratio=None, goal=goal, met=False, error=trl_side["error"], trl=trl_side, **figures)
+        print(f"\nwrote {path}")
+        return
+    load["cppo_rl_start"] = os.getloadavg()
+    cppo_side = run_cppo(model_dir, size, timeout)
+    load["end"] = os.getloadavg()
+    if "error" in cppo_side:
+        raise SystemExit(f"the cppo_rl side failed: {cppo_side['error']}")
+    last = max(1, min(5, size["steps"] // 4))
+    summaries = {"cppo_rl": summarise(cppo_side, last), "trl": summarise(trl_side, last)}
+    ratio = summaries["trl"]["s_per_step"] / summaries["cppo_rl"]["s_per_step"]
+    rows = [
+        [
+            side,
+            s["first_step_s"],
+            s["s_per_step"],
+            s["median_s_per_step"],
+            s["response_length"],
+            s["reward_first"],
+            s["reward_last"],
+        ]
+        for side, s in summaries.items()
+    ]
+    print_table(
+        f"one training step, {size['prompts']} prompts x {size['samples']} samples x <= {size['length']} tokens, "
+        f"lr {size['lr']}, {size['steps']} steps, tiny Qwen3 warm-started (TRL {venv['versions']['trl']}); "
+        f"ratio TRL / cppo_rl s/step = {ratio:.3g}",
+        ["side", "step 1 s", "s/step (2..N)", "median s", "mean length", "reward step 1", f"reward last {last}"],
+        rows,
+    )
+    path = write_result(
+        name,
+        ratio=ratio,
+        goal=goal,
+        met=ratio >= 1,
+        summaries=summaries,
+        cppo_rl=cppo_side,
+        trl=trl_side,
+        load_average=load,
+        **figures,
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
