@@ -230,13 +230,11 @@ class Trainer:
         rw = self.config.reward
         self.rewards = RewardPool(rw.num_workers, rw.timeout_s, rw.memory_limit_mb, grader=rw.grader)
 
-    def _restore(self, tracker_history: Path) -> RunState:
-        """Learner state from the resume checkpoint, the engines re-synced to it, the local history
-        rewound to it; returns the controller's state."""
+    def _restore(self, state: RunState, tracker_history: Path) -> None:
+        """Learner state from the resume checkpoint (whose controller state is `state`), the engines
+        re-synced to it, the local history rewound to it."""
         from cppo_rl.controller.tracker import rewind_history
-        from cppo_rl.learner.checkpoint import read_marker
 
-        state = RunState(**read_marker(self.resume_from)["trainer"])
         changed = config_changes(state.config, dataclasses.asdict(self.config))
         if changed:
             print("warning: resuming with a different configuration:\n  " + "\n  ".join(changed), flush=True)
@@ -246,7 +244,6 @@ class Trainer:
         source = None if source_run.resolve() == self.run_dir.resolve() else source_run / tracker_history.name
         rewind_history(tracker_history, state.step, source)
         print(f"resumed from {self.resume_from} (step {state.step})", flush=True)
-        return state
 
     def _checkpoint(self, state: RunState) -> str:
         from cppo_rl.learner.checkpoint import prune
@@ -332,9 +329,10 @@ class Trainer:
         loader = PromptLoader(train_examples, t.prompts_per_step, shuffle=config.data.shuffle, seed=config.data.seed)
         saved = RunState(**read_marker(self.resume_from)["trainer"]) if self.resume_from else None
         log = config.logging
+        settings = dataclasses.asdict(config)
         tracker = Tracker(
             self.run_dir,
-            dataclasses.asdict(config),
+            settings,
             project=log.project,
             entity=log.entity,
             name=log.run_name,
@@ -356,7 +354,8 @@ class Trainer:
         try:
             with StopRequests() as stop:
                 if saved:
-                    state = self._restore(tracker.history_path)
+                    state = saved
+                    self._restore(state, tracker.history_path)
                     loader.load_state_dict(state.loader)
                     elapsed_before = state.elapsed_seconds
                 else:
@@ -364,12 +363,13 @@ class Trainer:
                     tracker.log(eval_metrics, step=0)
                     tracker.table("eval/samples", samples_columns, samples, step=0)
                     print(f"held-out accuracy before training: {eval_metrics['eval/accuracy']:.3f}", flush=True)
-                    state = RunState(evals=[[0, eval_metrics["eval/accuracy"]]], config=dataclasses.asdict(config))
+                    state = RunState(evals=[[0, eval_metrics["eval/accuracy"]]])
                     elapsed_before = 0.0
-                state.wandb_run_id, state.config = tracker.run_id, dataclasses.asdict(config)
-                progress = Progress(t.total_steps, state.step + 1, t.progress_bar)
+                state.wandb_run_id, state.config = tracker.run_id, settings
+                first_step = state.step + 1
+                progress = Progress(t.total_steps, first_step, t.progress_bar)
                 metrics: dict[str, float] = {}
-                for step in range(state.step + 1, t.total_steps + 1):
+                for step in range(first_step, t.total_steps + 1):
                     metrics = self._step(step, loader, tokenizer, sampling, advantage)
                     for name, seconds in metrics.items():
                         if name.startswith("time/"):
@@ -405,8 +405,7 @@ class Trainer:
                     "interrupted_by": stop.requested,
                     "resumed_from": str(self.resume_from) if self.resume_from else None,
                     "mean_step_seconds": {
-                        name: round(total / max(1, state.step - (saved.step if saved else 0)), 3)
-                        for name, total in phases.items()
+                        name: round(total / max(1, state.step + 1 - first_step), 3) for name, total in phases.items()
                     },
                 }
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
