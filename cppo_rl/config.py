@@ -77,6 +77,8 @@ class RolloutConfig:
     eval_samples: int = 4
     cpu_kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.6
+    generate_timeout_s: float = 1800.0  # a worker silent this long in one generate call is replaced
+    max_engine_restarts: int = 3  # dead or hung engines a run may replace before it stops
 
 
 @dataclass
@@ -92,6 +94,7 @@ class LearnerSettings:
     logprob_chunk_size: int = 512
     sync_transport: str = "collective"
     sync_bucket_mb: int = 256
+    call_timeout_s: float = 3600.0  # a learner call (a step, a sync, a checkpoint) taking longer fails the run
 
 
 @dataclass
@@ -117,6 +120,11 @@ class ClusterConfig:
     cpus_per_engine: float = 0.5
     cpus_per_learner: float = 0.5
     placement_strategy: str = "PACK"  # of the placement group holding every engine and learner rank
+    # custom Ray resources each engine / learner rank also asks for, e.g. {rollout: 1}: they put engines and
+    # ranks on the nodes started with those resources (ray start --resources='{"rollout": 8}'); set them with
+    # +cluster.engine_resources={rollout: 1} (the + because the key is new to the empty dict)
+    engine_resources: dict[str, float] = field(default_factory=dict)
+    learner_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +153,8 @@ class TrainerConfig:
     resume: str = "never"
     seed: int = 0
     progress_bar: bool = True  # a live bar on a terminal; one plain line per step otherwise
+    max_restarts: int = 0  # times the run starts again from its latest checkpoint after an actor dies or hangs
+    max_skipped_steps: int = 3  # stop after this many steps in a row with every update skipped (non-finite); 0 = never
 
 
 @dataclass
@@ -187,11 +197,30 @@ def validate(config: TrainConfig) -> None:
         ("trainer.eval_every", t.eval_every),
         ("trainer.checkpoint_every", t.checkpoint_every),
         ("trainer.keep_checkpoints", t.keep_checkpoints),
+        ("trainer.max_skipped_steps", t.max_skipped_steps),
+        ("trainer.max_restarts", t.max_restarts),
+        ("rollout.max_engine_restarts", r.max_engine_restarts),
     ):
         if value < 0:
             problems.append(f"{key}={value} must be >= 0 (0 turns it off)")
+    for key, seconds in (
+        ("rollout.generate_timeout_s", r.generate_timeout_s),
+        ("learner.call_timeout_s", lrn.call_timeout_s),
+    ):
+        if seconds <= 0:
+            problems.append(f"{key}={seconds} must be > 0 (seconds)")
     if t.resume not in ("never", "auto") and not Path(t.resume).exists():
         problems.append(f"trainer.resume={t.resume!r} is neither never, auto nor an existing checkpoint/run directory")
+    for key, resources in (
+        ("cluster.engine_resources", c.engine_resources),
+        ("cluster.learner_resources", c.learner_resources),
+    ):
+        bad = {name: amount for name, amount in resources.items() if amount <= 0 or name in ("CPU", "GPU")}
+        if bad:
+            problems.append(
+                f"{key}={bad}: custom resources need amounts > 0 (CPUs and GPUs come from cluster.cpus_per_* "
+                "and rollout.tensor_parallel_size)"
+            )
     if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         problems.append(
             f"cluster.placement_strategy={c.placement_strategy!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"

@@ -40,10 +40,9 @@ def train(cfg: DictConfig) -> None:
     validate(config)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     from cppo_rl.controller.progress import summary_screen
-    from cppo_rl.controller.trainer import Trainer
+    from cppo_rl.controller.trainer import run_with_restarts
 
-    trainer = Trainer(config, run_dir)
-    summary = trainer.run()
+    summary, trainer = run_with_restarts(config, run_dir)
     print("\n" + summary_screen(summary, str(run_dir), trainer.resume_command()))
     print(run_dir)
     if summary["interrupted_by"]:  # stopped early by a signal, after checkpointing: exit as the signal asks

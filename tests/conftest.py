@@ -17,6 +17,13 @@ TINY_TEST_MODEL = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own Ray cluster run first: once the session's shared cluster and its
+    rollout engines exist, a second cluster beside them doubles the memory in use (CI saw Ray's
+    memory monitor kill an engine that way)."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_shape():
     """The shape of the session's tiny test model (a TinyModelConfig without the seed)."""

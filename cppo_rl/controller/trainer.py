@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cppo_rl.algorithms import PolicyLossConfig, count_constant_groups, get_advantage
+from cppo_rl.batch import RolloutBatch
 from cppo_rl.config import TrainConfig
 from cppo_rl.data.dataset import Example, PromptLoader, load_jsonl
 
@@ -95,6 +96,54 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+def drop_long_prompts(examples: list[Example], lengths: list[int], limit: int, split: str) -> list[Example]:
+    """The examples whose prompt (`lengths`, in tokens) fits in `limit` tokens; says how many were skipped
+    and where the first one is. Raises ConfigError when none fits."""
+    from cppo_rl.config import ConfigError
+
+    kept = [e for e, n in zip(examples, lengths, strict=True) if n <= limit]
+    if len(kept) < len(examples):
+        first = next(e for e, n in zip(examples, lengths, strict=True) if n > limit)
+        message = (
+            f"{len(examples) - len(kept)} of {len(examples)} {split} prompts are longer than {limit} tokens "
+            f"(rollout.max_model_len - rollout.max_response_length; the first is {first.source})"
+        )
+        if not kept:
+            raise ConfigError(f"{message}: raise rollout.max_model_len or lower rollout.max_response_length")
+        print(f"warning: {message}; they are skipped", flush=True)
+    return kept
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient in every update."""
+
+
+class SkippedUpdates:
+    """Counts updates the learner skipped for a non-finite loss or gradient (`actor/skipped_updates`)
+    and stops the run after `max_steps` steps in a row with nothing applied (0: never)."""
+
+    def __init__(self, updates_per_step: int, max_steps: int) -> None:
+        self.updates_per_step, self.max_steps = updates_per_step, max_steps
+        self.total, self.streak = 0, 0
+
+    def check(self, step: int, metrics: dict[str, float]) -> None:
+        skipped = round(metrics.get("actor/skipped_updates", 0.0))
+        self.total += skipped
+        self.streak = self.streak + 1 if skipped >= self.updates_per_step else 0
+        if skipped:
+            print(
+                f"warning: step {step}: {skipped} of {self.updates_per_step} updates skipped "
+                "(non-finite loss or gradient; weights unchanged by them)",
+                flush=True,
+            )
+        if self.max_steps and self.streak >= self.max_steps:
+            raise NonFiniteError(
+                f"step {step}: every update of the last {self.streak} steps had a non-finite loss or gradient, so "
+                f"the weights have not changed since step {step - self.streak}. Look for nan/inf in the rewards "
+                "(reward.grader) or the data, lower learner.lr, or raise trainer.max_skipped_steps (0 = never stop)"
+            )
+
+
 @dataclasses.dataclass
 class RunState:
     """What a resumed run needs besides the learner's state; stored in each checkpoint's marker.
@@ -115,8 +164,8 @@ class RunState:
 class Trainer:
     """One training run in `run_dir` (metrics.jsonl, summary.json, checkpoints/, wandb/)."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path) -> None:
-        self.config, self.run_dir = config, run_dir
+    def __init__(self, config: TrainConfig, run_dir: Path, restarts: int = 0) -> None:
+        self.config, self.run_dir, self.restarts = config, run_dir, restarts  # restarts: of this run so far
         self.loss_config = policy_loss_config(config)  # validates the algorithm's knobs up front
         self.resume_from = find_resume_checkpoint(config.trainer.resume, run_dir)
 
@@ -157,8 +206,8 @@ class Trainer:
 
         c, r, lrn = self.config.cluster, self.config.rollout, self.config.learner
         gpu = c.num_gpus > 0
-        engine = {"CPU": c.cpus_per_engine, **({"GPU": r.tensor_parallel_size} if gpu else {})}
-        rank = {"CPU": c.cpus_per_learner, **({"GPU": 1} if gpu else {})}
+        engine = {"CPU": c.cpus_per_engine, **({"GPU": r.tensor_parallel_size} if gpu else {}), **c.engine_resources}
+        rank = {"CPU": c.cpus_per_learner, **({"GPU": 1} if gpu else {}), **c.learner_resources}
         bundles = [engine] * r.num_engines + [rank] * lrn.world_size
         group = self.placement_group = placement_group(bundles, strategy=c.placement_strategy)
         try:
@@ -168,8 +217,13 @@ class Trainer:
                 f"the cluster cannot place {r.num_engines} rollout engines ({engine} each) and {lrn.world_size} "
                 f"learner ranks ({rank} each) with strategy {c.placement_strategy} (cluster has "
                 f"{ray.cluster_resources()}); lower rollout.num_engines / learner.world_size or the "
-                "cluster.cpus_per_* / rollout.tensor_parallel_size they ask for"
+                "cluster.cpus_per_* / rollout.tensor_parallel_size / cluster.*_resources they ask for"
             ) from None
+        nodes = ray.util.placement_group_table(group)["bundles_to_node_id"]
+        self.placement = {
+            "engine_nodes": [nodes[index] for index in range(r.num_engines)],
+            "learner_nodes": [nodes[r.num_engines + rank] for rank in range(lrn.world_size)],
+        }
         strategies = [
             PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index) for index in range(len(bundles))
         ]
@@ -179,7 +233,7 @@ class Trainer:
         from cppo_rl.learner.worker import LearnerConfig, LearnerGroup
         from cppo_rl.rewards import RewardPool
         from cppo_rl.rollout.engine import EngineConfig
-        from cppo_rl.rollout.worker import RolloutGroup, start_rollout_workers
+        from cppo_rl.rollout.worker import RolloutGroup, WorkerLauncher
         from cppo_rl.sync.weight_sync import WeightSync
 
         c, r, lrn, t = self.config.cluster, self.config.rollout, self.config.learner, self.config.trainer
@@ -194,10 +248,8 @@ class Trainer:
             cpu_kv_cache_gib=r.cpu_kv_cache_gib,
             seed=t.seed,
         )
-        self.rollout = RolloutGroup(
-            start_rollout_workers(
-                engine, r.num_engines, num_cpus=c.cpus_per_engine, use_gpu=use_gpu, scheduling_strategies=engine_slots
-            )
+        self.rollout = RolloutGroup.start(
+            WorkerLauncher(engine, c.cpus_per_engine, use_gpu, engine_slots), r.num_engines
         )
         updates = t.prompts_per_step // t.minibatch_prompts
         learner = LearnerConfig(
@@ -225,8 +277,11 @@ class Trainer:
             num_cpus_per_rank=c.cpus_per_learner,
             use_gpu=use_gpu,
             scheduling_strategies=learner_slots,
+            timeout_s=lrn.call_timeout_s,
         )
         self.sync = WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
+        self.version = 0  # the policy version the engines hold
+        self.engine_restarts = 0
         rw = self.config.reward
         self.rewards = RewardPool(rw.num_workers, rw.timeout_s, rw.memory_limit_mb, grader=rw.grader)
 
@@ -239,11 +294,69 @@ class Trainer:
         if changed:
             print("warning: resuming with a different configuration:\n  " + "\n  ".join(changed), flush=True)
         self.learner.load_checkpoint(str(self.resume_from))
-        self.sync.sync(version=state.step)
+        self._sync(state.step)
         source_run = self.resume_from.parent.parent
         source = None if source_run.resolve() == self.run_dir.resolve() else source_run / tracker_history.name
         rewind_history(tracker_history, state.step, source)
         print(f"resumed from {self.resume_from} (step {state.step})", flush=True)
+
+    # -- rollout engines that die or hang -------------------------------------------------------------
+
+    def _generate(self, prompt_ids: list[list[int]], sampling) -> RolloutBatch:
+        """`self.rollout.generate`, replacing engines that die or hang (their chunks are generated again by
+        the replacements, with the same per-prompt seeds and weights: the batch is the same)."""
+        from cppo_rl.rollout.worker import RolloutWorkersLost
+
+        finished = {}
+        while True:
+            try:
+                return self.rollout.generate(
+                    prompt_ids, sampling, timeout_s=self.config.rollout.generate_timeout_s, finished=finished
+                )
+            except RolloutWorkersLost as lost:
+                finished = lost.finished
+                self._replace_engines(lost.workers, "; ".join(lost.causes))
+
+    def _sync(self, version: int):
+        """Sync the learner's weights to the engines as `version`. If that fails and an engine is gone, every
+        engine is replaced (the survivors may be blocked in the broken collective) and synced afresh."""
+        import ray
+
+        from cppo_rl.remote import ActorFailure
+
+        try:
+            stats = self.sync.sync(version)
+        except (ActorFailure, ray.exceptions.RayError) as error:
+            gone = self.rollout.unreachable_workers()
+            if not gone:
+                raise
+            self._replace_engines(
+                list(range(len(self.rollout.workers))),
+                f"weight sync failed ({error.__class__.__name__}) with workers {gone} gone",
+                version,
+            )
+            return self.last_sync
+        self.version, self.last_sync = version, stats
+        return stats
+
+    def _replace_engines(self, indices: list[int], cause: str, version: int | None = None) -> None:
+        """Start fresh engines in slots `indices`, rebuild the weight-sync group and sync the current weights."""
+        from cppo_rl.remote import ActorFailure
+        from cppo_rl.sync.weight_sync import WeightSync
+
+        limit = self.config.rollout.max_engine_restarts
+        if self.engine_restarts + len(indices) > limit:
+            raise ActorFailure(
+                f"rollout engines lost ({cause}) after {self.engine_restarts} restarts this run; "
+                f"rollout.max_engine_restarts={limit} allows no more. Look at the workers' logs (ray logs) for why"
+            )
+        print(f"warning: {cause}: restarting rollout engines {indices}", flush=True)
+        for index in indices:
+            self.rollout.replace(index)
+        self.engine_restarts += len(indices)
+        lrn = self.config.learner
+        self.sync = WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
+        self._sync(self.version if version is None else version)
 
     def _checkpoint(self, state: RunState) -> str:
         from cppo_rl.learner.checkpoint import prune
@@ -290,7 +403,7 @@ class Trainer:
             seed=10_000 + step,
             training=False,
         )
-        batch = self.rollout.generate(self._encode(tokenizer, examples), sampling)
+        batch = self._generate(self._encode(tokenizer, examples), sampling)
         golds = [e.answer for e in examples for _ in range(r.eval_samples)]
         outcomes = self.rewards.score(batch.response_texts, golds)
         samples = [
@@ -326,6 +439,12 @@ class Trainer:
             )
         model_path, train_examples, eval_examples = self._model_and_data()
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        prompt_limit = r.max_model_len - r.max_response_length
+        skipped_prompts = {}
+        for split, examples in (("train", train_examples), ("eval", eval_examples)):
+            lengths = [len(ids) for ids in self._encode(tokenizer, examples)]
+            examples[:] = drop_long_prompts(examples, lengths, prompt_limit, split)
+            skipped_prompts[split] = len(lengths) - len(examples)
         loader = PromptLoader(train_examples, t.prompts_per_step, shuffle=config.data.shuffle, seed=config.data.seed)
         saved = RunState(**read_marker(self.resume_from)["trainer"]) if self.resume_from else None
         log = config.logging
@@ -369,8 +488,11 @@ class Trainer:
                 first_step = state.step + 1
                 progress = Progress(t.total_steps, first_step, t.progress_bar)
                 metrics: dict[str, float] = {}
+                skipped = SkippedUpdates(t.prompts_per_step // t.minibatch_prompts, t.max_skipped_steps)
                 for step in range(first_step, t.total_steps + 1):
+                    restarts_before = self.engine_restarts
                     metrics = self._step(step, loader, tokenizer, sampling, advantage)
+                    skipped.check(step, metrics)
                     for name, seconds in metrics.items():
                         if name.startswith("time/"):
                             phases[name[5:-2]] = phases.get(name[5:-2], 0.0) + seconds
@@ -380,6 +502,7 @@ class Trainer:
                         state.evals.append([step, eval_metrics["eval/accuracy"]])
                         tracker.table("eval/samples", samples_columns, samples, step=step)
                         tracker.position_profile(metrics, step)
+                    metrics["rollout/engine_restarts"] = self.engine_restarts - restarts_before
                     tracker.log(metrics, step=step)
                     progress.update(step, metrics)
                     state.step, state.loader = step, loader.state_dict()
@@ -404,6 +527,11 @@ class Trainer:
                     "model_path": model_path,
                     "interrupted_by": stop.requested,
                     "resumed_from": str(self.resume_from) if self.resume_from else None,
+                    "skipped_updates": skipped.total,
+                    "engine_restarts": self.engine_restarts,
+                    "restarts": self.restarts,
+                    "placement": self.placement,
+                    "skipped_long_prompts": skipped_prompts,
                     "mean_step_seconds": {
                         name: round(total / max(1, state.step + 1 - first_step), 3) for name, total in phases.items()
                     },
@@ -424,7 +552,7 @@ class Trainer:
         clock = started = time.perf_counter()
         examples = loader.next_batch()
         step_sampling = dataclasses.replace(sampling, seed=sampling.seed + step * 100_003)
-        batch = self.rollout.generate(self._encode(tokenizer, examples), step_sampling)
+        batch = self._generate(self._encode(tokenizer, examples), step_sampling)
         timings["generate"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -440,7 +568,7 @@ class Trainer:
         timings["learner"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        sync = self.sync.sync(version=step)
+        sync = self._sync(step)
         timings["sync"] = time.perf_counter() - clock
         timings["step"] = time.perf_counter() - started
         return step_metrics(batch, outcomes, actor, timings, sync.bytes_per_second, step)
@@ -476,3 +604,29 @@ def step_metrics(batch, outcomes, actor: dict[str, float], timings: dict[str, fl
         **{f"time/{name}_s": seconds for name, seconds in timings.items()},
         **{f"actor/{name}": value for name, value in actor.items()},
     }
+
+
+def run_with_restarts(config: TrainConfig, run_dir: Path) -> tuple[dict, Trainer]:
+    """`Trainer.run`, started again from the run's latest complete checkpoint when an actor dies or hangs
+    (a learner rank, or rollout engines beyond `rollout.max_engine_restarts`), up to
+    `trainer.max_restarts` times. Returns the summary and the trainer that finished."""
+    from cppo_rl.learner.checkpoint import latest_checkpoint
+    from cppo_rl.remote import ActorFailure
+
+    restarts = 0
+    while True:
+        trainer = Trainer(config, run_dir, restarts)
+        try:
+            return trainer.run(), trainer
+        except ActorFailure as failure:
+            if restarts >= config.trainer.max_restarts:
+                raise
+            restarts += 1
+            # from this run's own latest checkpoint; with none yet, the run starts as it first did
+            resume = "auto" if latest_checkpoint(run_dir / CHECKPOINTS) else config.trainer.resume
+            print(
+                f"warning: {failure}\nrestart {restarts} of trainer.max_restarts={config.trainer.max_restarts}: "
+                f"starting again from {latest_checkpoint(run_dir / CHECKPOINTS) or 'the start'}",
+                flush=True,
+            )
+            config = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, resume=resume))

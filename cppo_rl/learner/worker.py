@@ -33,6 +33,7 @@ from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.learner.checkpoint import finalize, staging_dir
 from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE, LogprobPolicy
+from cppo_rl.remote import get_all
 from cppo_rl.sync.buckets import BucketPlan, plan_buckets
 from cppo_rl.sync.transport import join_sync_group
 
@@ -132,6 +133,21 @@ class _Shard:
     anchor: tuple[torch.Tensor, torch.Tensor] | None = field(default=None)
 
 
+def _unlink_shared_allreduce_buffer(master_addr: str, master_port: int, rank: int) -> None:
+    """Remove the name of this rank's /dev/shm all-reduce segment (DeepSpeed's CPU backend, 66 MB per rank).
+
+    DeepSpeed never unlinks it, so every learner that is killed rather than closed (Ray kills actors) left
+    it behind in RAM until reboot. Once every rank has mapped every other rank's segment (they do so in
+    `init_distributed`; the barrier waits for all of them) the names are not needed: the memory stays
+    mapped and is freed when the last rank exits.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 class LearnerWorker:
     """One ZeRO-3 rank. Construct on every rank, then call `setup` on all of them together."""
 
@@ -173,6 +189,8 @@ class LearnerWorker:
         backend = config.backend if config.backend != "auto" else ("nccl" if on_gpu else "gloo")
         dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         deepspeed.init_distributed(dist_backend=backend)
+        if not on_gpu:
+            _unlink_shared_allreduce_buffer(master_addr, master_port, self.rank)
         torch.manual_seed(config.seed)
         micro_steps = config.micro_steps(self.world_size)
         self._micro_steps_total = micro_steps * self.world_size
@@ -220,7 +238,8 @@ class LearnerWorker:
 
         Returns metrics averaged over the batch's valid tokens (all ranks), including
         `rollout_learner_logprob_mismatch` (mean |log mu - log pi| on the first mini-batch before its
-        update) and `rollout_learner_topk_tv`.
+        update), `rollout_learner_topk_tv` and `skipped_updates` (updates not applied because their
+        loss or gradient was not finite).
         """
         if batch.advantages is None:
             raise ValueError("LearnerWorker.train_on_batch: the batch has no advantages; compute them first")
@@ -235,6 +254,7 @@ class LearnerWorker:
                 shard.anchor = self._recompute_anchor(shard.batch)
         self.engine.train()
         totals: dict[str, torch.Tensor] = {}
+        skipped_before = self.engine.skipped_steps
         for shard in shards:
             for start in range(0, shard.batch.num_responses, self.config.micro_batch_size):
                 micro = shard.batch.select(range(start, start + self.config.micro_batch_size))
@@ -249,8 +269,11 @@ class LearnerWorker:
                     totals[name] = totals.get(name, torch.zeros(2)) + value
             self.steps += 1
             grad_norm = self.engine.get_global_grad_norm()  # of the update just applied, before clipping
-            if grad_norm is not None:  # mean over updates (every rank adds the same global norm)
+            if grad_norm is not None and math.isfinite(grad_norm):  # mean over applied updates (same on every rank)
                 totals["grad_norm"] = totals.get("grad_norm", torch.zeros(2)) + torch.tensor([float(grad_norm), 1.0])
+        # DeepSpeed skips an update whose global gradient norm is inf / nan (weights, optimizer state and
+        # lr schedule unchanged); each rank counts the same updates, so the all-reduced mean is the count
+        totals["skipped_updates"] = torch.tensor([float(self.engine.skipped_steps - skipped_before), 1.0])
         metrics = self._reduce_metrics(totals)
         metrics["lr"] = self.learning_rate()
         return metrics
@@ -397,16 +420,25 @@ class LearnerWorker:
 
     def broadcast_weights(self, plan: BucketPlan) -> None:
         """All ranks: gather each bucket's parameters (ZeRO-3 collective); rank 0 packs it into one flat
-        buffer and broadcasts it to the rollout workers with one collective."""
+        buffer and broadcasts it to the rollout workers with one collective.
+
+        If a broadcast fails (a rollout worker died), rank 0 still takes part in the remaining gathers, so
+        the other ranks are not left waiting in one, and raises at the end."""
         import deepspeed
 
         parameters = dict(self.engine.module.named_parameters())
+        failure = None
         for bucket in plan.buckets:
             members = [parameters[slot.name] for slot in bucket.slots]
             with deepspeed.zero.GatheredParameters(members, modifier_rank=None):
-                if self.rank == 0:
+                if self.rank == 0 and failure is None:
                     flat = bucket.pack([p.detach() for p in members], self.engine.device)
-                    self._sync_group.broadcast(flat, 0).wait()
+                    try:
+                        self._sync_group.broadcast(flat, 0).wait()
+                    except RuntimeError as error:  # gloo / NCCL: a peer is gone
+                        failure = error
+        if failure is not None:
+            raise RuntimeError(f"weight sync broadcast failed: {failure}") from failure
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
@@ -459,7 +491,8 @@ class LearnerWorker:
 
 
 class LearnerGroup:
-    """`world_size` LearnerWorker ranks as Ray actors, set up together; calls fan out to every rank."""
+    """`world_size` LearnerWorker ranks as Ray actors, set up together; calls fan out to every rank and
+    raise ActorFailure if a rank dies or a call outlasts `timeout_s` seconds (None: no limit)."""
 
     def __init__(
         self,
@@ -471,6 +504,7 @@ class LearnerGroup:
         num_cpus_per_rank: float = 1.0,
         use_gpu: bool = False,
         scheduling_strategies: Sequence[object] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         import ray
 
@@ -485,13 +519,15 @@ class LearnerGroup:
             if scheduling_strategies is not None:
                 options["scheduling_strategy"] = scheduling_strategies[rank]
             self.workers.append(actor_class.options(**options).remote(config, loss_name, loss_config, rank, world_size))
-        address, port = ray.get(self.workers[0].free_address.remote())
-        ray.get([worker.setup.remote(address, port) for worker in self.workers])
+        self.timeout_s = timeout_s
+        address, port = ray.get(self.workers[0].free_address.remote(), timeout=timeout_s)
+        get_all([worker.setup.remote(address, port) for worker in self.workers], "learner setup", timeout_s)
 
     def _all(self, method: str, *args: object) -> list:
-        import ray
-
-        return ray.get([getattr(worker, method).remote(*args) for worker in self.workers])
+        """Call `method` on every rank; raises ActorFailure at once if a rank dies (the others would wait
+        in a collective forever), or after `timeout_s`."""
+        futures = [getattr(worker, method).remote(*args) for worker in self.workers]
+        return get_all(futures, f"learner {method}", self.timeout_s)
 
     def train_on_batch(self, batch: RolloutBatch) -> dict[str, float]:
         """Train every rank on `batch` (one object-store copy); the metrics of rank 0 (already all-reduced)."""

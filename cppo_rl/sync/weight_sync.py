@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import ray
 
 from cppo_rl.learner.worker import LearnerGroup
+from cppo_rl.remote import get_all
 from cppo_rl.rollout.worker import RolloutGroup
 
 TRANSPORTS = ("collective", "object_store")
@@ -62,9 +63,11 @@ class WeightSync:
         """Load the learner's weights into every engine, tagged `version`; returns time and bytes."""
         start = time.perf_counter()
         if self.transport == "collective":
-            ray.get(
+            get_all(
                 [w.broadcast_weights.remote(self.plan) for w in self.learner.workers]
-                + [w.receive_weights.remote(self.plan, version) for w in self.rollout.workers]
+                + [w.receive_weights.remote(self.plan, version) for w in self.rollout.workers],
+                "weight sync",
+                self.learner.timeout_s,
             )
         else:
             self.rollout.update_weights(self.learner.gather_weights(), version)

@@ -3,11 +3,7 @@ submitted through it as a Ray job, which succeeds and logs its training steps.""
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,57 +12,41 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.ray_nodes import cluster_environment, free_port, start_node, stop_node
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.own_cluster]
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` in its own process group (so stopping it cannot touch any other Ray
-    instance on the machine); yields (job server address, environment for clients)."""
+    """A Ray head (job server on 127.0.0.1) in its own process group; yields (job server address,
+    environment for clients)."""
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's unix socket paths
-    dashboard = _free_port()
-    environment = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "RAY_TMPDIR": temp_dir,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(16),
-    }
-    command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-        "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    head = subprocess.Popen(
-        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    environment = cluster_environment(temp_dir)
+    dashboard = free_port()
+    head = start_node(
+        ["--head", "--num-cpus", "2", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard)],
+        environment,
+    )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)  # 401 without a token: still up
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-            time.sleep(1)
-    yield address, environment
-    os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)  # 401 without a token: still up
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+                time.sleep(1)
+        yield address, environment
+    finally:
+        stop_node(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_submit_runs_the_smoke_job_on_the_cluster(ray_head, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,8 +67,11 @@ def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids
     from cppo_rl.sync.weight_sync import WeightSync
 
     batch = _rollout(rollout_workers, chat_prompt_ids)
+    shared_buffers_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     # DPPO with delta = 1 keeps every token (TV <= 1): a fixed mask, so the surrogate -A rho must fall
     learner = _learner(tiny_model_dir, world_size=2, micro_batch_size=2, loss="dppo", updates=1, lr=3e-3, delta=1.0)
+    # the ranks' shared-memory all-reduce segments are unlinked once mapped (killed learners leaked them)
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shared_buffers_before
     group = RolloutGroup(rollout_workers)
     original = learner.gather_weights()
     try:
@@ -167,3 +171,35 @@ def test_checkpoint_round_trip_resumes_exactly(rollout_workers, chat_prompt_ids,
         assert (_flat(resumed.gather_weights()) - uninterrupted).abs().max() < 1e-6
     finally:
         resumed.shutdown()
+
+
+def test_a_non_finite_update_is_skipped_on_every_rank(rollout_workers, chat_prompt_ids, tiny_model_dir):
+    """A nan advantage in rank 0's share of the second mini-batch: both ranks skip that update (the
+    global gradient norm is non-finite) and apply the first; a batch that is nan throughout changes nothing."""
+    batch = _rollout(rollout_workers, chat_prompt_ids, seed=13)
+    poisoned, zeroed = batch.select(range(batch.num_responses)), batch.select(range(batch.num_responses))
+    poisoned.advantages = batch.advantages.clone()
+    poisoned.advantages[8] = float("nan")  # mini-batch 2 is responses 8..15; rank 0 holds 8..11
+    zeroed.advantages = batch.advantages.clone()
+    zeroed.advantages[8:] = 0.0  # SGD without weight decay: a zero-advantage update moves nothing
+    results = []
+    for case in (poisoned, zeroed):
+        # DPPO with delta = 1 masks nothing, so the nan reaches the loss whatever the first update did
+        learner = _learner(tiny_model_dir, 2, 4, loss="dppo", delta=1.0, optimizer="sgd", lr=1.0, updates=2)
+        try:
+            before = _flat(learner.gather_weights())
+            metrics = learner.train_on_batch(case)
+            after = _flat(learner.gather_weights())
+            results.append((metrics, after))
+            if case is poisoned:
+                everything = batch.select(range(batch.num_responses))
+                everything.advantages = torch.full_like(batch.advantages, float("nan"))
+                second = learner.train_on_batch(everything)
+                assert second["skipped_updates"] == 2 and "grad_norm" not in second
+                assert torch.equal(_flat(learner.gather_weights()), after)
+        finally:
+            learner.shutdown()
+    (poisoned_metrics, poisoned_after), (zeroed_metrics, zeroed_after) = results  # `before`: the same start
+    assert poisoned_metrics["skipped_updates"] == 1 and zeroed_metrics["skipped_updates"] == 0
+    assert (poisoned_after - before).abs().max() > 0  # the first update was applied
+    assert (poisoned_after - zeroed_after).abs().max() <= 1e-6 * (zeroed_after - before).abs().max()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.own_cluster]
 
 SUPPORT = Path(__file__).resolve().parent / "support"
 OVERRIDES = ["experiment=smoke", "reward.grader=parity_grader:grade", "learner.lr=0.003", "logging.mode=offline"]
@@ -54,6 +54,36 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(checkpoint / "hf" / "model.safetensors")
+
+
+def _wait_for_step_1(run: subprocess.Popen, run_dir: Path) -> None:
+    history_file, deadline = run_dir / "metrics.jsonl", time.monotonic() + TIMEOUT_S
+    while not (history_file.is_file() and '"step": 1,' in history_file.read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before step 1 was logged"
+        time.sleep(0.05)
+
+
+def _command_line(process) -> str:
+    """A process's command line (Ray names its actor processes ray::ClassName...); "" once it has exited."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def _assert_same_steps(history: list[dict], expected: list[dict], steps: range) -> None:
+    compared = ("train/reward", "train/response_length_mean", "actor/loss", "actor/entropy", "actor/grad_norm")
+    for step in steps:
+        for name in compared:
+            assert history[step][name] == pytest.approx(expected[step][name], rel=1e-5, abs=1e-6), (step, name)
+
+
+def _assert_same_weights(checkpoint: Path, reference_checkpoint: Path) -> None:
+    final, reference = _weights(checkpoint), _weights(reference_checkpoint)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +160,7 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_ru
     run = subprocess.Popen(
         _command(tmp_path, "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment()
     )
-    history_file, deadline = tmp_path / "cut" / "metrics.jsonl", time.monotonic() + TIMEOUT_S
-    while not (history_file.is_file() and '"step": 1,' in history_file.read_text()):
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before step 1 was logged"
-        time.sleep(0.05)
+    _wait_for_step_1(run, tmp_path / "cut")
     run.send_signal(signal.SIGTERM)
     stdout, stderr = run.communicate(timeout=TIMEOUT_S)
     assert run.returncode == 128 + signal.SIGTERM, stderr[-4000:]
@@ -159,16 +186,72 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_ru
     # the history is one run's: each step once, and the resumed steps equal the uninterrupted run's
     expected, history = _history(full_run), _history(cut_dir)
     assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
-    compared = ("train/reward", "train/response_length_mean", "actor/loss", "actor/entropy", "actor/grad_norm")
-    for step in range(stopped_at + 1, 5):
-        for name in compared:
-            assert history[step][name] == pytest.approx(expected[step][name], rel=1e-5, abs=1e-6), (step, name)
-    final, reference = _weights(Path(summary["checkpoint"])), _weights(full_run / "checkpoints" / "step_000004")
-    for name, tensor in reference.items():
-        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-6)
+    _assert_same_steps(history, expected, range(stopped_at + 1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
     # the same W&B run continues
     wandb_runs = {p.name.rsplit("-", 1)[-1] for p in (cut_dir / "wandb").glob("offline-run-*")}
     assert len(wandb_runs) == 1
+
+
+def test_a_killed_rollout_engine_is_replaced_and_the_run_is_unchanged(full_run, tmp_path):
+    """Two engines; SIGKILL one after step 1: the controller replaces it, syncs it the current weights and
+    regenerates its share of the batch (same per-prompt seeds), so the run matches the uninterrupted
+    one-engine run step for step."""
+    import psutil
+
+    run = subprocess.Popen(
+        _command(tmp_path, "engine_killed", "rollout.num_engines=2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_environment(),
+    )
+    _wait_for_step_1(run, tmp_path / "engine_killed")
+    engines = [p for p in psutil.Process(run.pid).children(recursive=True) if "RolloutWorker" in _command_line(p)]
+    assert len(engines) == 2, engines
+    engines[0].kill()
+    stdout, stderr = run.communicate(timeout=TIMEOUT_S)
+    assert run.returncode == 0, stdout[-3000:] + stderr[-4000:]
+    assert "restarting rollout engines" in stdout
+    run_dir = Path(stdout.strip().splitlines()[-1])
+    summary, history = json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
+    assert summary["steps"] == 4 and summary["engine_restarts"] >= 1
+    assert sum(h.get("rollout/engine_restarts", 0) for h in history) == summary["engine_restarts"]
+    _assert_same_steps(history, _history(full_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
+
+
+def test_a_killed_learner_restarts_the_run_from_its_latest_checkpoint(full_run, tmp_path):
+    """SIGKILL the learner rank once the step-1 checkpoint is complete: the controller notices, stops the
+    run's actors, and with trainer.max_restarts=1 starts again from the latest complete checkpoint; the
+    final weights equal the uninterrupted run's."""
+    import psutil
+
+    extra = ("trainer.checkpoint_every=1", "trainer.max_restarts=1")
+    run = subprocess.Popen(
+        _command(tmp_path, "learner_killed", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_environment(),
+    )
+    _wait_for_step_1(run, tmp_path / "learner_killed")
+    latest, deadline = tmp_path / "learner_killed" / "checkpoints" / "latest", time.monotonic() + TIMEOUT_S
+    while not latest.is_file():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    ranks = [p for p in psutil.Process(run.pid).children(recursive=True) if "LearnerWorker" in _command_line(p)]
+    assert len(ranks) == 1, ranks
+    ranks[0].kill()
+    stdout, stderr = run.communicate(timeout=TIMEOUT_S)
+    assert run.returncode == 0, stdout[-3000:] + stderr[-4000:]
+    assert "restart 1 of trainer.max_restarts=1" in stdout and "an actor died" in stdout
+    run_dir = Path(stdout.strip().splitlines()[-1])
+    summary, history = json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
+    assert summary["steps"] == 4 and summary["restarts"] == 1 and summary["resumed_from"]
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    _assert_same_steps(history, _history(full_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
 
 
 def test_no_secret_from_the_environment_reaches_the_run_files(full_run):

@@ -11,7 +11,14 @@ import pytest
 from cppo_rl.config import ConfigError
 from cppo_rl.controller.progress import StopRequests, summary_screen
 from cppo_rl.controller.tracker import rewind_history
-from cppo_rl.controller.trainer import CHECKPOINTS, find_resume_checkpoint
+from cppo_rl.controller.trainer import (
+    CHECKPOINTS,
+    NonFiniteError,
+    SkippedUpdates,
+    drop_long_prompts,
+    find_resume_checkpoint,
+)
+from cppo_rl.data.dataset import Example
 from cppo_rl.learner.checkpoint import finalize, staging_dir
 
 
@@ -85,3 +92,38 @@ def test_summary_screen_says_where_things_are_and_how_to_resume():
     assert "stopped early by SIGINT" in screen and "start 0.250  ->  end 0.500" in screen
     assert "generate 1.00s  learner 2.00s" in screen and "W&B                disabled" in screen
     assert screen.splitlines()[-1].endswith("python -m cppo_rl.train trainer.resume=auto")
+
+
+def test_skipped_updates_stop_the_run_only_after_whole_steps_in_a_row(capsys):
+    skipped = SkippedUpdates(updates_per_step=2, max_steps=2)
+    skipped.check(1, {"actor/skipped_updates": 2.0})
+    skipped.check(2, {"actor/skipped_updates": 1.0})  # one update applied: the streak restarts
+    skipped.check(3, {"actor/skipped_updates": 2.0})
+    assert "step 2: 1 of 2 updates skipped" in capsys.readouterr().out
+    with pytest.raises(NonFiniteError, match=r"step 4: .* last 2 steps .* since step 2.*trainer.max_skipped_steps"):
+        skipped.check(4, {"actor/skipped_updates": 2.0})
+    assert skipped.total == 7
+
+
+def test_skipped_updates_never_stop_when_turned_off():
+    skipped = SkippedUpdates(updates_per_step=1, max_steps=0)
+    for step in range(1, 20):
+        skipped.check(step, {"actor/skipped_updates": 1.0})
+    skipped.check(20, {})
+    assert skipped.total == 19 and skipped.streak == 0
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(capsys):
+    examples = [Example(f"p{i}", "1", f"train.jsonl:{i + 1}") for i in range(4)]
+    kept = drop_long_prompts(examples, [10, 30, 20, 31], limit=20, split="train")
+    assert [e.prompt for e in kept] == ["p0", "p2"]
+    out = capsys.readouterr().out
+    assert (
+        "2 of 4 train prompts are longer than 20 tokens" in out
+        and "they are skipped" in out
+        and "the first is train.jsonl:2" in out
+    )
+    with pytest.raises(
+        ConfigError, match=r"1 of 1 eval prompts .* first is train.jsonl:1.*raise rollout.max_model_len"
+    ):
+        drop_long_prompts(examples[:1], [21], limit=20, split="eval")
