@@ -48,9 +48,15 @@ def test_experiment_carries_table_3_and_plans_as_feasible(name):
     assert plan.feasible, plan.render()
 
 
-def test_a_baseline_keeps_the_experiment_and_changes_the_loss():
-    config = _compose("experiment=qwen3_8b_base", "algorithm=dppo")
-    assert config.algorithm.name == "dppo" and config.trainer.prompts_per_step == 128
+@pytest.mark.parametrize("method", ["grpo", "dppo", "cispo", "trm_max", "trm_avg", "minpro"])
+def test_a_baseline_keeps_the_experiment_and_changes_the_loss(method):
+    config = _compose("experiment=qwen3_30b_a3b_base", f"baseline={method}")
+    validate(config)
+    a = config.algorithm
+    assert a.name == method and config.trainer.prompts_per_step == 256 and a.delta == 0.20
+    # TRM masks on a token KL score (spec 4.4) although the experiment gives CPPO Top-K TV
+    assert a.divergence == ("topk_kl" if method.startswith("trm") else "topk_tv")
+    assert (a.clip_low, a.clip_high) == (0.2, 0.28)  # GRPO's clip-higher (spec 4.1), untouched by the experiment
 
 
 def test_cpu_runs_have_nothing_to_plan_and_bad_templates_are_refused():
