@@ -1,4 +1,4 @@
-"""A tiny random-init Qwen3 (a few million parameters) saved like a hub model, tokenizer included.
+"""A tiny random-init Qwen3 (a few million parameters; dense or MoE) saved like a hub model, tokenizer included.
 
 `build_tiny_model(config, out_dir)` writes `config.json`, `generation_config.json`,
 `model.safetensors` (float32) and the character tokenizer (`cppo_rl.data.tokenizer`), so
@@ -13,12 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from cppo_rl.data.tokenizer import ENDOFTEXT, IM_END, PAD, build_tokenizer
 
 VOCAB_MULTIPLE = 64
 """The embedding rows are padded to a multiple of this (as real checkpoints pad theirs)."""
+
+
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "output_router_logits",
+    "router_aux_loss_coef",
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,12 @@ class TinyModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # > 0: a Qwen3MoeForCausalLM (the 30B-A3B architecture) with this many experts per layer
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
+    output_router_logits: bool = True  # train with the router's load-balancing loss
+    router_aux_loss_coef: float = 0.001
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -47,14 +62,24 @@ class TinyModelConfig:
                 f"TinyModelConfig: `num_heads` ({self.num_heads}) must be a multiple of `num_kv_heads` "
                 f"({self.num_kv_heads}) for grouped-query attention; change one of them"
             )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"TinyModelConfig: `num_experts_per_tok` must lie in 1..num_experts ({self.num_experts}), "
+                f"got {self.num_experts_per_tok}"
+            )
         if self.max_position_embeddings < 16:
             raise ValueError(
                 f"TinyModelConfig: `max_position_embeddings` must be >= 16, got {self.max_position_embeddings}"
             )
 
     def to_dict(self) -> dict:
-        """The fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The fields as a JSON-ready dict (a dense model's without the MoE fields, so that the warm-start
+        cache keys of dense models stay what they were before MoE support)."""
+        fields = dataclasses.asdict(self)
+        if not self.num_experts:
+            for name in MOE_FIELDS:
+                fields.pop(name)
+        return fields
 
 
 def padded_vocab_size(num_tokens: int) -> int:
@@ -62,10 +87,25 @@ def padded_vocab_size(num_tokens: int) -> int:
     return -(-num_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def qwen3_config(config: TinyModelConfig) -> Qwen3Config:
-    """The transformers config of the tiny model (float32, eos = `<|im_end|>`, pad = `<|pad|>`)."""
+def qwen3_config(config: TinyModelConfig) -> Qwen3Config | Qwen3MoeConfig:
+    """The transformers config of the tiny model (float32, eos = `<|im_end|>`, pad = `<|pad|>`); a
+    Qwen3-MoE one when `config.num_experts` > 0 (every layer sparse)."""
     tokenizer = build_tokenizer()
-    return Qwen3Config(
+    if config.num_experts:
+        moe = {
+            "num_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.moe_intermediate_size,
+            "decoder_sparse_step": 1,
+            "norm_topk_prob": True,
+            "output_router_logits": config.output_router_logits,
+            "router_aux_loss_coef": config.router_aux_loss_coef,
+        }
+        config_class, architecture = Qwen3MoeConfig, "Qwen3MoeForCausalLM"
+    else:
+        moe, config_class, architecture = {}, Qwen3Config, "Qwen3ForCausalLM"
+    return config_class(
+        **moe,
         vocab_size=padded_vocab_size(len(tokenizer)),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -81,15 +121,16 @@ def qwen3_config(config: TinyModelConfig) -> Qwen3Config:
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
         dtype="float32",
-        architectures=["Qwen3ForCausalLM"],
+        architectures=[architecture],
     )
 
 
-def init_tiny_model(config: TinyModelConfig) -> Qwen3ForCausalLM:
+def init_tiny_model(config: TinyModelConfig) -> Qwen3ForCausalLM | Qwen3MoeForCausalLM:
     """A random-init float32 model, the same weights for the same config; the global RNG is untouched."""
+    model_class = Qwen3MoeForCausalLM if config.num_experts else Qwen3ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = Qwen3ForCausalLM(qwen3_config(config)).float()
+        model = model_class(qwen3_config(config)).float()
     model.generation_config = GenerationConfig(
         bos_token_id=model.config.bos_token_id,
         eos_token_id=model.config.eos_token_id,

@@ -136,14 +136,20 @@ class LogprobPolicy(torch.nn.Module):
     """A HF causal LM whose forward returns logprobs of chosen ids at chosen positions.
 
     Keeps the HF parameter names (`model.*`, `lm_head.weight`), so gathered weights load into vLLM
-    as they are. This is the root module DeepSpeed wraps.
+    as they are. This is the root module DeepSpeed wraps. For an MoE model each forward also leaves its
+    routing statistics in `self.router` (see `cppo_rl.learner.moe`).
     """
 
     def __init__(self, causal_lm: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        from cppo_rl.learner.moe import num_experts
+
         super().__init__()
         self.config = causal_lm.config
         self.model = causal_lm.model
         self.lm_head = TokenLogprobHead(causal_lm.lm_head, chunk_size)
+        self.model_module = type(causal_lm).__module__
+        self.is_moe = num_experts(causal_lm.config) > 0
+        self.router = None  # an MoE model's RouterStats of the latest forward
 
     def forward(
         self,
@@ -160,5 +166,11 @@ class LogprobPolicy(torch.nn.Module):
 
         input_ids, attention_mask: int64 [B, L], right-padded sequences (prompt + response).
         """
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.lm_head(hidden[rows, positions], token_ids, temperature, return_entropy)
+        if not self.is_moe:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.lm_head(hidden[rows, positions], token_ids, temperature, return_entropy)
+        from cppo_rl.learner.moe import router_stats
+
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        self.router = router_stats(self.model_module, output.router_logits, attention_mask, self.config)
+        return self.lm_head(output.last_hidden_state[rows, positions], token_ids, temperature, return_entropy)

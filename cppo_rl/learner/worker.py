@@ -33,6 +33,7 @@ from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.learner.checkpoint import finalize, staging_dir
 from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE, LogprobPolicy
+from cppo_rl.learner.moe import mark_leaf_modules
 from cppo_rl.remote import get_all
 from cppo_rl.sync.buckets import BucketPlan, plan_buckets
 from cppo_rl.sync.transport import join_sync_group
@@ -207,6 +208,11 @@ class LearnerWorker:
         keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained partition the weights (ZeRO-3 init)
         model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=getattr(torch, dtype))
         del keep_alive
+        self.moe_leaf_modules = mark_leaf_modules(model)
+        # the router's load-balancing loss joins the policy loss when the model's config asks for it
+        self.router_aux_coef = (
+            float(model.config.router_aux_loss_coef) if getattr(model.config, "output_router_logits", False) else 0.0
+        )
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model = LogprobPolicy(model, config.logprob_chunk_size)
@@ -304,12 +310,16 @@ class LearnerWorker:
             rollout_topk_logprobs=mu_set,
         )
         output = self.loss_fn(inputs, self.loss_config, shard.normaliser)
-        self.engine.backward(output.loss * self.world_size, scale_wrt_gas=False)
+        loss, router = output.loss, self.engine.module.router
+        if router is not None and self.router_aux_coef:  # the mini-batch's mean aux loss, over micro-steps
+            loss = loss + self.router_aux_coef * router.aux_loss / self._micro_steps_total
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self.engine.step()
         tokens = micro.response_mask.sum().float()
+        reported = {**output.metrics, **(router.metrics() if router is not None else {})}
         metrics = {
             name: torch.stack([value.detach().float() * tokens, tokens])
-            for name, value in output.metrics.items()
+            for name, value in reported.items()
             if torch.isfinite(value)
         }
         metrics["entropy"] = torch.stack([entropy.sum(), tokens])

