@@ -1,0 +1,1 @@
+"""Experiments built on the main job: long runs watched from outside (soak)."""

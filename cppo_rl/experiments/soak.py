@@ -1,0 +1,178 @@
+"""A soak run: one long training run watched from outside for growing memory, file descriptors and leaked
+processes.
+
+    python -m cppo_rl.experiments.soak [--steps 200] [--every 20] [--out runs/soak] [-- OVERRIDE ...]
+
+It starts `python -m cppo_rl.train` (the tiny model on the generated task, evaluations and checkpoints every
+`--every` steps) and samples every process the run starts (driver, Ray's daemons, rollout engines,
+learner ranks, reward workers) every few seconds: resident memory (RSS) and open file descriptors. It
+reports, per role, the least-squares slope over the second half of the run (after warm-up), and after
+the run ends lists any process it started that is still alive. Writes `soak.json` and `soak.png` into
+`--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROLES = ("RolloutWorker", "LearnerWorker", "raylet", "gcs_server", "driver", "reward worker", "other")
+
+
+def role(process: psutil.Process, driver_pid: int) -> str:
+    """What a process of the run is, from its command line."""
+    if process.pid == driver_pid:
+        return "driver"
+    command = " ".join(process.cmdline())
+    for name in ("RolloutWorker", "LearnerWorker", "raylet", "gcs_server"):
+        if name in command:
+            return name
+    if "multiprocessing" in command and process.ppid() == driver_pid:
+        return "reward worker"
+    return "other"
+
+
+def sample(driver: psutil.Process) -> dict[str, dict[str, float]]:
+    """Summed RSS (MiB), open file descriptors and process count per role, now."""
+    totals = {}
+    for process in [driver, *driver.children(recursive=True)]:
+        try:
+            with process.oneshot():
+                name = role(process, driver.pid)
+                rss, fds = process.memory_info().rss / 2**20, process.num_fds()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        entry = totals.setdefault(name, {"rss_mib": 0.0, "fds": 0, "processes": 0})
+        entry["rss_mib"] += rss
+        entry["fds"] += fds
+        entry["processes"] += 1
+    return totals
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (0 with fewer than two distinct xs)."""
+    if len(set(xs)) < 2:
+        return 0.0
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+
+
+def current_step(history: Path) -> int:
+    """The last step logged in a run's metrics.jsonl (0 before the first)."""
+    if not history.is_file():
+        return 0
+    lines = history.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def summarise(samples: list[dict], total_steps: int) -> dict[str, dict[str, float]]:
+    """Per role: memory and descriptors at the middle and near the end, and their slopes per 100 steps over
+    the second half of the run (up to the last step: the final evaluation and shutdown are left out)."""
+    late = [s for s in samples if total_steps // 2 <= s["step"] < total_steps]
+    report = {}
+    for name in ROLES:
+        points = [(s["step"], s["roles"][name]) for s in late if name in s["roles"]]
+        if not points:
+            continue
+        steps = [float(step) for step, _ in points]
+        report[name] = {
+            "processes": points[-1][1]["processes"],
+            "rss_mib_mid": round(points[0][1]["rss_mib"], 1),
+            "rss_mib_end": round(points[-1][1]["rss_mib"], 1),
+            "rss_mib_per_100_steps": round(100 * slope(steps, [p["rss_mib"] for _, p in points]), 2),
+            "fds_mid": points[0][1]["fds"],
+            "fds_end": points[-1][1]["fds"],
+            "fds_per_100_steps": round(100 * slope(steps, [p["fds"] for _, p in points]), 2),
+        }
+    return report
+
+
+def plot(samples: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (memory, descriptors) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in ROLES:
+        points = [(s["step"], s["roles"][name]) for s in samples if name in s["roles"]]
+        if points:
+            memory.plot([p[0] for p in points], [p[1]["rss_mib"] for p in points], label=name)
+            descriptors.plot([p[0] for p in points], [p[1]["fds"] for p in points], label=name)
+    memory.set(xlabel="step", ylabel="RSS, MiB (sum per role)", title="memory")
+    descriptors.set(xlabel="step", ylabel="open file descriptors (sum per role)", title="file descriptors")
+    memory.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=20, help="evaluation and checkpoint interval, steps")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--out", type=Path, default=Path("runs/soak"))
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for the run")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "cppo_rl.train", f"trainer.total_steps={args.steps}", f"trainer.eval_every={args.every}",
+        f"trainer.checkpoint_every={args.every}", "trainer.progress_bar=false", "logging.mode=offline",
+        f"trainer.output_dir={args.out}", "trainer.run_name=run", *args.overrides,
+    ]  # fmt: skip
+    started = time.monotonic()
+    log = (args.out / "train.log").open("w")
+    run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    driver, seen, samples = psutil.Process(run.pid), {}, []
+    history = args.out / "run" / "metrics.jsonl"
+    while run.poll() is None:
+        try:
+            for process in driver.children(recursive=True):
+                seen.setdefault(process.pid, (process.create_time(), " ".join(process.cmdline())[:120]))
+            roles = sample(driver)
+        except psutil.NoSuchProcess:
+            break
+        samples.append({"seconds": round(time.monotonic() - started, 1), "step": current_step(history), "roles": roles})
+        time.sleep(args.interval)
+    run.wait()
+    time.sleep(10)  # Ray's daemons stop shortly after the driver exits
+    leaked = []
+    for pid, (created, command_line) in seen.items():
+        try:
+            if psutil.Process(pid).create_time() == created:
+                leaked.append({"pid": pid, "command": command_line})
+        except psutil.NoSuchProcess:
+            continue
+    result = {
+        "command": " ".join(command),
+        "returncode": run.returncode,
+        "steps": current_step(history),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "samples": len(samples),
+        "roles": summarise(samples, args.steps),
+        "leaked_processes": leaked,
+        "history": samples,
+    }
+    (args.out / "soak.json").write_text(json.dumps(result, indent=1))
+    plot(samples, args.out / "soak.png")
+    print(f"soak: {result['steps']} steps in {result['wall_seconds']:.0f} s, exit status {run.returncode}")
+    header = ("procs", 6), ("RSS mid", 10), ("RSS end", 10), ("MiB/100 steps", 15), ("fds mid", 9), ("fds end", 9)
+    print(f"{'role':<15}" + "".join(f"{title:>{width}}" for title, width in header) + f"{'fds/100':>9}")
+    for name, r in result["roles"].items():
+        print(
+            f"{name:<15}{r['processes']:>6}{r['rss_mib_mid']:>10}{r['rss_mib_end']:>10}{r['rss_mib_per_100_steps']:>15}"
+            f"{r['fds_mid']:>9}{r['fds_end']:>9}{r['fds_per_100_steps']:>9}"
+        )
+    print(f"processes left after the run: {len(leaked)}" + "".join(f"\n  {p['pid']}: {p['command']}" for p in leaked))
+    print(args.out)
+    return 0 if run.returncode == 0 and not leaked else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
