@@ -264,10 +264,38 @@ def validate(config: TrainConfig) -> None:
         problems.append(f"reward.grader={config.reward.grader!r}: {grader_problem}")
     if not config.model.path:
         problems.append("model.path is empty; set model.path=<an HF model directory or hub name>")
-    elif config.model.path != "tiny" and not Path(config.model.path).is_dir() and "/" not in config.model.path:
+    elif Path(config.model.path).is_dir():
+        model_problem = _check_causal_lm_dir(Path(config.model.path))
+        if model_problem:
+            problems.append(f"model.path={config.model.path!r}: {model_problem}")
+    elif config.model.path != "tiny" and "/" not in config.model.path:
         problems.append(f"model.path={config.model.path!r} is neither 'tiny', a directory, nor a hub name")
+    if c.num_gpus:
+        wanted_gpus = r.num_engines * r.tensor_parallel_size + lrn.world_size
+        if wanted_gpus > c.num_gpus:
+            problems.append(
+                f"{r.num_engines} engines x rollout.tensor_parallel_size={r.tensor_parallel_size} + {lrn.world_size} "
+                f"learner ranks = {wanted_gpus} GPUs > cluster.num_gpus={c.num_gpus}; lower rollout.num_engines or "
+                "learner.world_size, or give the cluster's real GPU count"
+            )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _check_causal_lm_dir(path: Path) -> str | None:
+    """Why a local model directory cannot be trained here, or None (reads config.json only)."""
+    import json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return "has no config.json: not a HF model directory (save one with save_pretrained)"
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        return f"config.json is not a JSON object ({error})"
+    if not any(name.endswith("ForCausalLM") for name in architectures):
+        return f"config.json's architectures {architectures} hold no *ForCausalLM: not a causal language model"
+    return None
 
 
 def _check_import_path(path: str) -> str | None:

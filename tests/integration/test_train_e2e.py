@@ -7,6 +7,7 @@ model can earn (tests/integration/support/parity_grader.py), so the updates carr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,6 +72,16 @@ def _command_line(process) -> str:
         return " ".join(process.cmdline())
     except psutil.NoSuchProcess:
         return ""
+
+
+def _kill_everything(pid: int) -> None:
+    """SIGKILL a process and every process under it at once (Ray's actor processes included)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
 
 
 def _assert_same_steps(history: list[dict], expected: list[dict], steps: range) -> None:
@@ -251,6 +262,44 @@ def test_a_killed_learner_restarts_the_run_from_its_latest_checkpoint(full_run, 
     assert summary["steps"] == 4 and summary["restarts"] == 1 and summary["resumed_from"]
     assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
     _assert_same_steps(history, _history(full_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_complete_one(full_run, tmp_path):
+    """SIGKILL every process of the run (driver, Ray, actors) while the step-2 checkpoint is being written:
+    the half-written one is never taken as latest, and resume=auto continues from step 1 to the same end."""
+    from cppo_rl.learner.checkpoint import latest_checkpoint
+
+    extra = ("trainer.checkpoint_every=1",)
+    run = subprocess.Popen(
+        _command(tmp_path, "checkpoint_killed", *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_environment(),
+    )
+    root, deadline = tmp_path / "checkpoint_killed" / "checkpoints", time.monotonic() + TIMEOUT_S
+    staging = root / ".staging-step_000002"
+    while not staging.exists():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its step-2 checkpoint"
+        time.sleep(0.002)
+    _kill_everything(run.pid)  # like a node failure: the driver, Ray and the learner writing the checkpoint
+    run.wait(timeout=60)
+    assert staging.is_dir() and not (staging / "complete.json").exists()  # killed mid-write
+    assert latest_checkpoint(root) == root / "step_000001"
+
+    resumed = subprocess.run(
+        _command(tmp_path, "checkpoint_killed", *extra, "trainer.resume=auto"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=_environment(),
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-4000:]
+    assert f"resumed from {root / 'step_000001'} (step 1)" in resumed.stdout
+    assert not staging.exists()
+    run_dir = Path(resumed.stdout.strip().splitlines()[-1])
+    summary, history = json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
+    assert summary["steps"] == 4 and [h["step"] for h in history] == [0, 1, 2, 3, 4]
     _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
 
 

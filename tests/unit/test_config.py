@@ -111,3 +111,26 @@ def test_resume_config_changes_name_the_keys():
     saved = asdict(_compose())
     current = asdict(_compose("trainer.total_steps=90", "algorithm.delta=0.3", "logging.mode=disabled"))
     assert config_changes(saved, current) == ["algorithm.delta: 0.15 -> 0.3"]
+
+
+@pytest.mark.parametrize(
+    ("config_json", "match"),
+    [
+        (None, "has no config.json: not a HF model directory"),
+        (
+            '{"architectures": ["BertForMaskedLM"]}',
+            r"config.json's architectures \['BertForMaskedLM'\] hold no \*ForCausalLM",
+        ),
+        ("[1, 2", "config.json is not a JSON object"),
+    ],
+)
+def test_a_model_directory_must_hold_a_causal_lm(tmp_path, config_json, match):
+    if config_json is not None:
+        (tmp_path / "config.json").write_text(config_json)
+    with pytest.raises(ConfigError, match=rf"model.path='{tmp_path}': {match}"):
+        validate(_compose(f"model.path={tmp_path}"))
+
+
+def test_more_gpus_than_the_cluster_has_are_refused():
+    with pytest.raises(ConfigError, match=r"4 engines x rollout.tensor_parallel_size=2 \+ 4 learner ranks = 12 GPUs"):
+        validate(_compose("experiment=qwen3_8b_base", "rollout.tensor_parallel_size=2"))
