@@ -94,6 +94,7 @@ class LearnerSettings:
     logprob_chunk_size: int = 512
     sync_transport: str = "collective"
     sync_bucket_mb: int = 256
+    zero_stage: int = 3  # 3 shards everything over the ranks; 0-2 keep full parameters per rank (see docs/learner.md)
     call_timeout_s: float = 3600.0  # a learner call (a step, a sync, a checkpoint) taking longer fails the run
 
 
@@ -221,6 +222,8 @@ def validate(config: TrainConfig) -> None:
                 f"{key}={bad}: custom resources need amounts > 0 (CPUs and GPUs come from cluster.cpus_per_* "
                 "and rollout.tensor_parallel_size)"
             )
+    if lrn.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"learner.zero_stage={lrn.zero_stage} must be 0, 1, 2 or 3 (DeepSpeed ZeRO stages)")
     if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         problems.append(
             f"cluster.placement_strategy={c.placement_strategy!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"

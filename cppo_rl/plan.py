@@ -213,11 +213,16 @@ def learner_memory(
     gradient_checkpointing: bool,
     chunk_size: int,
     param_bytes: int = BF16,
+    zero_stage: int = 3,
 ) -> dict[str, int]:
-    """Bytes per GPU of one ZeRO-3 rank (bf16 params, AdamW), by line; see LEARNER_LINES. Every micro-batch
-    is taken at the full `seq_len` (prompt + response); the lines are summed, an upper bound on the peak."""
+    """Bytes per GPU of one learner rank (bf16 params, AdamW), by line; see LEARNER_LINES. Every micro-batch
+    is taken at the full `seq_len` (prompt + response); the lines are summed, an upper bound on the peak.
+    ZeRO stage 3 shards parameters, gradients and optimizer state over the ranks; stage 2 gradients and
+    optimizer state; stage 1 the optimizer state; stage 0 nothing."""
     params = shape.num_parameters()
     shard = math.ceil(params / world_size)
+    sharded = {"params": zero_stage >= 3, "grads": zero_stage >= 2, "optimizer": zero_stage >= 1}
+    per_rank = {name: shard if on else params for name, on in sharded.items()}
     tokens = micro_batch_size * seq_len
     vocab_block = shape.vocab_size * shape.hidden_size
     if gradient_checkpointing:
@@ -225,10 +230,10 @@ def learner_memory(
     else:
         activations = shape.num_layers * layer_activation_bytes(shape, tokens)
     return {
-        "params": param_bytes * shard,
-        "grads": param_bytes * shard,
-        "optimizer": 3 * FP32 * shard,
-        "gathered": param_bytes * (2 * shape.layer_parameters() + vocab_block),
+        "params": param_bytes * per_rank["params"],
+        "grads": param_bytes * per_rank["grads"],
+        "optimizer": 3 * FP32 * per_rank["optimizer"],
+        "gathered": param_bytes * (2 * shape.layer_parameters() + vocab_block) if zero_stage >= 3 else 0,
         "activations": activations,
         "logprob_head": 2 * FP32 * chunk_size * shape.vocab_size + (FP32 + param_bytes) * vocab_block,
         "reduce_bucket": param_bytes * ZERO3_REDUCE_BUCKET,
@@ -387,6 +392,7 @@ def plan(
     gradient_checkpointing: bool = True,
     logprob_chunk_size: int = 512,
     gpu_memory_utilization: float = 0.9,
+    zero_stage: int = 3,
 ) -> Plan:
     """Place and size a run. `seq_len`: prompt + response tokens (rollout.max_model_len); `concurrency`:
     sequences in flight per engine (responses per step / engines, at most vLLM's max_num_seqs)."""
@@ -397,7 +403,13 @@ def plan(
         placement = None
         problems.append(str(error))
     learner = learner_memory(
-        shape, layout.learner_ranks, micro_batch_size, seq_len, gradient_checkpointing, logprob_chunk_size
+        shape,
+        layout.learner_ranks,
+        micro_batch_size,
+        seq_len,
+        gradient_checkpointing,
+        logprob_chunk_size,
+        zero_stage=zero_stage,
     )
     rollout = rollout_memory(
         shape, layout.tensor_parallel_size, layout.gpu_memory_gib, gpu_memory_utilization, concurrency, seq_len
@@ -493,6 +505,7 @@ def plan_config(config: object) -> Plan:
         concurrency=math.ceil(t.prompts_per_step * t.samples_per_prompt / r.num_engines),
         gradient_checkpointing=lrn.gradient_checkpointing,
         logprob_chunk_size=lrn.logprob_chunk_size,
+        zero_stage=lrn.zero_stage,
         gpu_memory_utilization=r.gpu_memory_utilization,
     )
 

@@ -267,6 +267,7 @@ class Trainer:
             anchor=self.config.algorithm.anchor,
             logprob_chunk_size=lrn.logprob_chunk_size,
             gradient_checkpointing=lrn.gradient_checkpointing,
+            zero_stage=lrn.zero_stage,
             seed=t.seed,
         )
         self.learner = LearnerGroup(

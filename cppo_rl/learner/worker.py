@@ -56,6 +56,9 @@ class LearnerConfig:
                             learner's own logprobs before the first update of each batch
     logprob_chunk_size:     positions per chunk of the vocabulary projection
     gradient_checkpointing: recompute activations in backward
+    zero_stage:             DeepSpeed ZeRO stage: 3 shards parameters, gradients and optimizer state over
+                            the ranks (large models); 0-2 keep every parameter on every rank, which skips
+                            ZeRO-3's per-module gathers (faster for models that fit on one device)
     seed:                   torch seed of every rank
     """
 
@@ -77,6 +80,7 @@ class LearnerConfig:
     anchor: str = "rollout"
     logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
     gradient_checkpointing: bool = False
+    zero_stage: int = 3
     seed: int = 0
 
     def micro_steps(self, world_size: int) -> int:
@@ -110,6 +114,7 @@ class LearnerConfig:
             "optimizer": ("adamw", "sgd"),
             "lr_schedule": ("constant", "cosine"),
             "anchor": ("rollout", "recompute"),
+            "zero_stage": (0, 1, 2, 3),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -199,7 +204,7 @@ class LearnerWorker:
             "train_micro_batch_size_per_gpu": config.micro_batch_size,
             "gradient_accumulation_steps": micro_steps,
             "gradient_clipping": config.grad_clip,
-            "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True},
+            "zero_optimization": {"stage": config.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
             "bf16": {"enabled": dtype == "bfloat16"},
             "zero_allow_untested_optimizer": config.optimizer == "sgd",  # torch SGD: exact, for checks
             "steps_per_print": 1 << 30,

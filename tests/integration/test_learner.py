@@ -37,6 +37,7 @@ def _learner(
     updates=2,
     checkpointing=False,
     anchor="rollout",
+    zero_stage=3,
     **algo,
 ):
     from cppo_rl.algorithms import default_config
@@ -53,6 +54,7 @@ def _learner(
         weight_decay=0.0,
         gradient_checkpointing=checkpointing,
         anchor=anchor,
+        zero_stage=zero_stage,
     )
     return LearnerGroup(config, loss, default_config(loss, **algo), world_size, num_cpus_per_rank=0.5)
 
@@ -113,14 +115,16 @@ def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_ancho
     updates = []
     # the last case recomputes the trust-region anchor on the learner: on the rollout's own weights it
     # equals mu, so the update must not change either
+    # and the last but one keeps full parameters on both ranks (ZeRO stage 0 instead of 3)
     cases = (
-        (1, 8, False, "rollout"),
-        (2, 4, False, "rollout"),
-        (2, 1, False, "rollout"),
-        (1, 4, True, "rollout"),
-        (2, 4, False, "recompute"),
+        (1, 8, False, "rollout", 3),
+        (2, 4, False, "rollout", 3),
+        (2, 1, False, "rollout", 3),
+        (1, 4, True, "rollout", 3),
+        (2, 4, False, "rollout", 0),
+        (2, 4, False, "recompute", 3),
     )
-    for world_size, micro, checkpointing, anchor in cases:
+    for world_size, micro, checkpointing, anchor, zero_stage in cases:
         learner = _learner(
             tiny_model_dir,
             world_size,
@@ -130,6 +134,7 @@ def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_ancho
             updates=2,
             checkpointing=checkpointing,
             anchor=anchor,
+            zero_stage=zero_stage,
         )
         try:
             before = _flat(learner.gather_weights())

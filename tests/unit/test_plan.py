@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 from cppo_rl.plan import (
+    BF16,
     GIB,
     PRESETS,
     ClusterLayout,
@@ -244,3 +246,13 @@ def test_module_entry_point_imports_no_heavy_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "heavy: [] exit: 1" in result.stdout  # 1 engine + 9 ranks > 8 GPUs
+
+
+def test_lower_zero_stages_keep_more_on_every_rank():
+    full = {stage: learner_memory(PRESETS["qwen3_8b"], 8, 1, 9216, True, 512, zero_stage=stage) for stage in range(4)}
+    params = PRESETS["qwen3_8b"].num_parameters()
+    assert full[0]["params"] == full[1]["params"] == full[2]["params"] == BF16 * params
+    assert full[3]["params"] == BF16 * math.ceil(params / 8)
+    assert full[1]["grads"] == BF16 * params and full[2]["grads"] == BF16 * math.ceil(params / 8)
+    assert full[0]["optimizer"] == 12 * params and full[1]["optimizer"] == 12 * math.ceil(params / 8)
+    assert full[2]["gathered"] == 0 < full[3]["gathered"]
