@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
+
 
 @dataclass
 class AlgorithmConfig:
@@ -61,6 +63,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     prompt_template: str = "{prompt}"  # the user turn; "{prompt}" is the row's problem text
+    # the generated task ("generated" in train_files / eval_files) and the tiny model's warm start on it:
+    # data.task.max_operations=8 lengthens the worked answers (about 10 tokens per operation)
+    task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
 
 
 @dataclass

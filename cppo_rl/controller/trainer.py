@@ -172,12 +172,12 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------------
 
     def _model_and_data(self) -> tuple[str, list[Example], list[Example]]:
-        from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig, write_dataset
+        from cppo_rl.data.arithmetic_task import write_dataset
         from cppo_rl.data.tiny_model import TinyModelConfig, build_tiny_model
         from cppo_rl.data.warmstart import WarmStartConfig, ensure_warm_model
 
         model, data = self.config.model, self.config.data
-        task = ArithmeticTaskConfig()
+        task = self.config.data.task
         if model.path == "tiny":
             if model.warm_start:
                 train = WarmStartConfig(

@@ -29,9 +29,10 @@ _BOXED = re.compile(r"\\boxed\{\s*([+-]?\d+)\s*\}")
 _MAX_DRAWS_PER_PROBLEM = 100
 
 
-@dataclass(frozen=True)
+@dataclass
 class ArithmeticTaskConfig:
-    """Which problems to generate; `data_source` names the dataset (and its folder)."""
+    """Which problems to generate; `data_source` names the dataset (and its folder). It is the main job's
+    `data.task` section (so not frozen: Hydra overrides it), validated when built."""
 
     min_operand: int = 0
     max_operand: int = 49

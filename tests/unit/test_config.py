@@ -134,3 +134,10 @@ def test_a_model_directory_must_hold_a_causal_lm(tmp_path, config_json, match):
 def test_more_gpus_than_the_cluster_has_are_refused():
     with pytest.raises(ConfigError, match=r"4 engines x rollout.tensor_parallel_size=2 \+ 4 learner ranks = 12 GPUs"):
         validate(_compose("experiment=qwen3_8b_base", "rollout.tensor_parallel_size=2"))
+
+
+def test_the_generated_task_is_a_config_section():
+    task = _compose("data.task.max_operations=8", "data.task.operators=+-").data.task
+    assert (task.max_operations, task.operators) == (8, "+-")
+    with pytest.raises(Exception, match="need 1 <= `min_operations` <= `max_operations`"):
+        _compose("data.task.min_operations=5", "data.task.max_operations=2")
