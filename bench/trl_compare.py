@@ -6,8 +6,10 @@ boxed-integer reward (`cppo_rl.data.arithmetic_task.boxed_integer_reward`), with
 samples per step, response length, learning rate (AdamW, constant, no warm-up, weight decay 0, grad
 clip 1), temperature 1, one optimizer step per rollout, GRPO advantages (group mean and std), the
 clipped ratio loss (0.2 / 0.28) summed over tokens / (responses x max length), no KL term:
-- cppo_rl: `python -m cppo_rl.train algorithm=grpo ...` (Ray, one vLLM-CPU engine, one ZeRO-3 rank,
-  the reward pool), its seconds per step from the run's metrics.jsonl (`time/step_s`);
+- cppo_rl: `python -m cppo_rl.train algorithm=grpo ...` (Ray, one vLLM-CPU engine, one learner rank,
+  the reward pool), its seconds per step from the run's metrics.jsonl (`time/step_s`), twice: as
+  `make train` runs it (ZeRO-3, one thread) and set up for one machine (`learner.zero_stage=0
+  learner.threads_per_rank=2`); the ratio of record is the second;
 - TRL: `GRPOTrainer` (transformers generation on the CPU, `use_vllm=False`) in its own virtualenv,
   `.cache/bench/trl-venv`, made by this script (`pip install -c requirements/cpu.txt trl math-verify`,
   so torch and transformers stay at the locked CPU versions); seconds from a callback around each
@@ -272,9 +274,16 @@ def run_trl(python: str, spec: dict, timeout: int) -> dict:
 # -- the cppo_rl side ---------------------------------------------------------------------------------
 
 
-def run_cppo(model_dir: str, size: dict, timeout: int) -> dict:
-    """`python -m cppo_rl.train` with the matching overrides; step seconds and rewards from metrics.jsonl."""
-    run_dir = WORK / "cppo_rl"
+# the two cppo_rl sides: the main job's learner as `make train` runs it (one ZeRO-3 rank, one thread), and
+# the learner set up for one machine (no sharding to do with one rank: ZeRO stage 0; both cores, which the
+# engine leaves idle while the learner trains)
+CPPO_SIDES = {"cppo_rl": [], "cppo_rl_one_machine": ["learner.zero_stage=0", "learner.threads_per_rank=2"]}
+
+
+def run_cppo(model_dir: str, size: dict, timeout: int, name: str = "cppo_rl", extra: list[str] = ()) -> dict:
+    """`python -m cppo_rl.train` with the matching overrides (and `extra`); step seconds and rewards from
+    metrics.jsonl."""
+    run_dir = WORK / name
     shutil.rmtree(run_dir, ignore_errors=True)
     responses = size["prompts"] * size["samples"]
     overrides = [
@@ -288,7 +297,7 @@ def run_cppo(model_dir: str, size: dict, timeout: int) -> dict:
         "trainer.eval_every=0",
         "trainer.progress_bar=false",
         f"trainer.output_dir={WORK}",
-        "trainer.run_name=cppo_rl",
+        f"trainer.run_name={name}",
         "trainer.seed=0",
         f"rollout.max_response_length={size['length']}",
         "rollout.temperature=1.0",
@@ -300,6 +309,7 @@ def run_cppo(model_dir: str, size: dict, timeout: int) -> dict:
         "learner.lr_schedule=constant",
         "data.eval_prompts=16",
         "rollout.eval_samples=1",
+        *extra,
     ]
     started = time.perf_counter()
     try:
@@ -316,7 +326,7 @@ def run_cppo(model_dir: str, size: dict, timeout: int) -> dict:
         return {"error": f"cppo_rl run exceeded {timeout} s", "overrides": overrides}
     wall = time.perf_counter() - started
     WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / "cppo_rl.log").write_text(result.stdout + result.stderr)
+    (WORK / f"{name}.log").write_text(result.stdout + result.stderr)
     history = run_dir / "metrics.jsonl"
     if result.returncode != 0 or not history.is_file():
         return {"error": f"cppo_rl run failed (exit {result.returncode}):\n{result.stderr[-3000:]}"}
@@ -380,14 +390,18 @@ def main(argv: list[str] | None = None) -> None:
         path = write_result(name, ratio=None, goal=goal, met=False, error=trl_side["error"], trl=trl_side, **figures)
         print(f"\nwrote {path}")
         return
-    load["cppo_rl_start"] = os.getloadavg()
-    cppo_side = run_cppo(model_dir, size, timeout)
+    cppo_sides = {}
+    for side_name, extra in CPPO_SIDES.items():
+        load[f"{side_name}_start"] = os.getloadavg()
+        cppo_sides[side_name] = run_cppo(model_dir, size, timeout, side_name, extra)
+        if "error" in cppo_sides[side_name]:
+            raise SystemExit(f"the {side_name} side failed: {cppo_sides[side_name]['error']}")
     load["end"] = os.getloadavg()
-    if "error" in cppo_side:
-        raise SystemExit(f"the cppo_rl side failed: {cppo_side['error']}")
     last = max(1, min(5, size["steps"] // 4))
-    summaries = {"cppo_rl": summarise(cppo_side, last), "trl": summarise(trl_side, last)}
-    ratio = summaries["trl"]["s_per_step"] / summaries["cppo_rl"]["s_per_step"]
+    summaries = {name: summarise(side, last) for name, side in cppo_sides.items()}
+    summaries["trl"] = summarise(trl_side, last)
+    ratios = {name: summaries["trl"]["s_per_step"] / summaries[name]["s_per_step"] for name in CPPO_SIDES}
+    ratio = ratios["cppo_rl_one_machine"]  # the setting a one-machine user is told to use (docs/learner.md)
     rows = [
         [
             side,
@@ -403,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(
         f"one training step, {size['prompts']} prompts x {size['samples']} samples x <= {size['length']} tokens, "
         f"lr {size['lr']}, {size['steps']} steps, tiny Qwen3 warm-started (TRL {venv['versions']['trl']}); "
-        f"ratio TRL / cppo_rl s/step = {ratio:.3g}",
+        "ratio TRL / cppo_rl s/step = " + ", ".join(f"{ratios[name]:.3g} ({name})" for name in CPPO_SIDES),
         ["side", "step 1 s", "s/step (2..N)", "median s", "mean length", "reward step 1", f"reward last {last}"],
         rows,
     )
@@ -412,8 +426,9 @@ def main(argv: list[str] | None = None) -> None:
         ratio=ratio,
         goal=goal,
         met=ratio >= 1,
+        ratios=ratios,
         summaries=summaries,
-        cppo_rl=cppo_side,
+        cppo_rl=cppo_sides,
         trl=trl_side,
         load_average=load,
         **figures,

@@ -99,6 +99,9 @@ class LearnerSettings:
     logprob_chunk_size: int = 512
     sync_transport: str = "collective"
     sync_bucket_mb: int = 256
+    # OpenMP threads per rank on CPU; 0: one per CPU it asks for (cluster.cpus_per_learner, at least 1). The
+    # engines idle while the learner trains, so a one-machine run can give the learner every core
+    threads_per_rank: int = 0
     zero_stage: int = 3  # 3 shards everything over the ranks; 0-2 keep full parameters per rank (see docs/learner.md)
     call_timeout_s: float = 3600.0  # a learner call (a step, a sync, a checkpoint) taking longer fails the run
 
@@ -206,6 +209,7 @@ def validate(config: TrainConfig) -> None:
         ("trainer.max_skipped_steps", t.max_skipped_steps),
         ("trainer.max_restarts", t.max_restarts),
         ("rollout.max_engine_restarts", r.max_engine_restarts),
+        ("learner.threads_per_rank", lrn.threads_per_rank),
     ):
         if value < 0:
             problems.append(f"{key}={value} must be >= 0 (0 turns it off)")

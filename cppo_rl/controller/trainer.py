@@ -279,6 +279,7 @@ class Trainer:
             use_gpu=use_gpu,
             scheduling_strategies=learner_slots,
             timeout_s=lrn.call_timeout_s,
+            threads_per_rank=lrn.threads_per_rank,
         )
         self.sync = WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
         self.version = 0  # the policy version the engines hold

@@ -507,7 +507,8 @@ class LearnerWorker:
 
 class LearnerGroup:
     """`world_size` LearnerWorker ranks as Ray actors, set up together; calls fan out to every rank and
-    raise ActorFailure if a rank dies or a call outlasts `timeout_s` seconds (None: no limit)."""
+    raise ActorFailure if a rank dies or a call outlasts `timeout_s` seconds (None: no limit). Each rank
+    runs `threads_per_rank` OpenMP threads (0: one per CPU it asks Ray for, at least 1)."""
 
     def __init__(
         self,
@@ -520,12 +521,13 @@ class LearnerGroup:
         use_gpu: bool = False,
         scheduling_strategies: Sequence[object] | None = None,
         timeout_s: float | None = None,
+        threads_per_rank: int = 0,
     ) -> None:
         import ray
 
         config.micro_steps(world_size)  # fail before any actor starts
         actor_class = ray.remote(LearnerWorker)
-        env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus_per_rank)))}
+        env = {"OMP_NUM_THREADS": str(threads_per_rank or max(1, int(num_cpus_per_rank)))}
         if not use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         self.workers = []
