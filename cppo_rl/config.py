@@ -150,11 +150,11 @@ class TrainerConfig:
     """The run: `output_dir/run_name` is its directory (Hydra's run dir); `resume`: "never", "auto" (the
     latest complete checkpoint of this run directory, if any) or a checkpoint / run directory path."""
 
-    total_steps: int = 50
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 16
-    minibatch_prompts: int = 16
-    eval_every: int = 10  # 0 = only before and after training
+    total_steps: int = 100
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8
+    minibatch_prompts: int = 8
+    eval_every: int = 25  # 0 = only before and after training
     checkpoint_every: int = 0  # 0 = only at the end (and on SIGINT / SIGTERM)
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 = all
     output_dir: str = "runs"
