@@ -77,7 +77,10 @@ def run_child(module: str, *args: str, timeout: int = 1800) -> dict:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB (Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, MiB: VmHWM of /proc/self/status. (Not getrusage's
+    ru_maxrss: Linux carries the parent's peak into it across fork + exec, so every child of a big
+    `python -m bench` process reported the parent's 4.4 GiB.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")

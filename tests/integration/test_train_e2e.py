@@ -205,9 +205,10 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_ru
 
 
 def test_a_killed_rollout_engine_is_replaced_and_the_run_is_unchanged(full_run, tmp_path):
-    """Two engines; SIGKILL one after step 1: the controller replaces it, syncs it the current weights and
-    regenerates its share of the batch (same per-prompt seeds), so the run matches the uninterrupted
-    one-engine run step for step."""
+    """Two engines; SIGKILL one in the middle of a generation after step 1 (Ray titles the process
+    `ray::RolloutWorker.generate` while it generates): the controller replaces it, syncs it the current
+    weights and regenerates its share of the batch (same per-prompt seeds), so the run matches the
+    uninterrupted one-engine run step for step."""
     import psutil
 
     run = subprocess.Popen(
@@ -220,10 +221,14 @@ def test_a_killed_rollout_engine_is_replaced_and_the_run_is_unchanged(full_run, 
     _wait_for_step_1(run, tmp_path / "engine_killed")
     engines = [p for p in psutil.Process(run.pid).children(recursive=True) if "RolloutWorker" in _command_line(p)]
     assert len(engines) == 2, engines
+    deadline = time.monotonic() + TIMEOUT_S
+    while "RolloutWorker.generate" not in _command_line(engines[0]):
+        assert run.poll() is None and time.monotonic() < deadline, "no generation after step 1"
+        time.sleep(0.002)
     engines[0].kill()
     stdout, stderr = run.communicate(timeout=TIMEOUT_S)
     assert run.returncode == 0, stdout[-3000:] + stderr[-4000:]
-    assert "restarting rollout engines" in stdout
+    assert "worker 0 died" in stdout and "restarting rollout engines [0]" in stdout
     run_dir = Path(stdout.strip().splitlines()[-1])
     summary, history = json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
     assert summary["steps"] == 4 and summary["engine_restarts"] >= 1
