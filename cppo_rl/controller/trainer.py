@@ -234,7 +234,6 @@ class Trainer:
         from cppo_rl.rewards import RewardPool
         from cppo_rl.rollout.engine import EngineConfig
         from cppo_rl.rollout.worker import RolloutGroup, WorkerLauncher
-        from cppo_rl.sync.weight_sync import WeightSync
 
         c, r, lrn, t = self.config.cluster, self.config.rollout, self.config.learner, self.config.trainer
         use_gpu = c.num_gpus > 0
@@ -281,7 +280,7 @@ class Trainer:
             timeout_s=lrn.call_timeout_s,
             threads_per_rank=lrn.threads_per_rank,
         )
-        self.sync = WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
+        self.sync = self._weight_sync()
         self.version = 0  # the policy version the engines hold
         self.engine_restarts = 0
         rw = self.config.reward
@@ -301,6 +300,13 @@ class Trainer:
         source = None if source_run.resolve() == self.run_dir.resolve() else source_run / tracker_history.name
         rewind_history(tracker_history, state.step, source)
         print(f"resumed from {self.resume_from} (step {state.step})", flush=True)
+
+    def _weight_sync(self):
+        """A weight-sync channel between the current learner and engines (rebuilt when engines are replaced)."""
+        from cppo_rl.sync.weight_sync import WeightSync
+
+        lrn = self.config.learner
+        return WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
 
     # -- rollout engines that die or hang -------------------------------------------------------------
 
@@ -332,19 +338,18 @@ class Trainer:
             gone = self.rollout.unreachable_workers()
             if not gone:
                 raise
-            self._replace_engines(
+            return self._replace_engines(
                 list(range(len(self.rollout.workers))),
                 f"weight sync failed ({error.__class__.__name__}) with workers {gone} gone",
                 version,
             )
-            return self.last_sync
-        self.version, self.last_sync = version, stats
+        self.version = version
         return stats
 
-    def _replace_engines(self, indices: list[int], cause: str, version: int | None = None) -> None:
-        """Start fresh engines in slots `indices`, rebuild the weight-sync group and sync the current weights."""
+    def _replace_engines(self, indices: list[int], cause: str, version: int | None = None):
+        """Start fresh engines in slots `indices`, rebuild the weight-sync group and sync the current weights
+        (or `version`); returns that sync's stats."""
         from cppo_rl.remote import ActorFailure
-        from cppo_rl.sync.weight_sync import WeightSync
 
         limit = self.config.rollout.max_engine_restarts
         if self.engine_restarts + len(indices) > limit:
@@ -356,9 +361,8 @@ class Trainer:
         for index in indices:
             self.rollout.replace(index)
         self.engine_restarts += len(indices)
-        lrn = self.config.learner
-        self.sync = WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
-        self._sync(self.version if version is None else version)
+        self.sync = self._weight_sync()
+        return self._sync(self.version if version is None else version)
 
     def _checkpoint(self, state: RunState) -> str:
         from cppo_rl.learner.checkpoint import prune

@@ -57,11 +57,38 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "hf" / "model.safetensors")
 
 
+def _start(output_dir: Path, run_name: str, *extra: str, output=subprocess.PIPE) -> subprocess.Popen:
+    """A run in the background (stdout / stderr captured as text, or discarded with subprocess.DEVNULL)."""
+    command = _command(output_dir, run_name, *extra)
+    return subprocess.Popen(command, stdout=output, stderr=output, text=True, env=_environment())
+
+
+def _wait_until(run: subprocess.Popen, condition, what: str, interval_s: float = 0.05) -> None:
+    """Poll `condition()` until it holds; fails if the run ends first or after TIMEOUT_S."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert run.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
+        time.sleep(interval_s)
+
+
 def _wait_for_step_1(run: subprocess.Popen, run_dir: Path) -> None:
-    history_file, deadline = run_dir / "metrics.jsonl", time.monotonic() + TIMEOUT_S
-    while not (history_file.is_file() and '"step": 1,' in history_file.read_text()):
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before step 1 was logged"
-        time.sleep(0.05)
+    history_file = run_dir / "metrics.jsonl"
+    _wait_until(run, lambda: history_file.is_file() and '"step": 1,' in history_file.read_text(), "step 1 was logged")
+
+
+def _actor_processes(run: subprocess.Popen, actor_class: str) -> list:
+    """The processes under `run` of Ray actors of class `actor_class`."""
+    import psutil
+
+    return [p for p in psutil.Process(run.pid).children(recursive=True) if actor_class in _command_line(p)]
+
+
+def _finish(run: subprocess.Popen) -> tuple[str, Path, dict, list[dict]]:
+    """Wait for a run that must succeed; its stdout, run directory, summary and history."""
+    stdout, stderr = run.communicate(timeout=TIMEOUT_S)
+    assert run.returncode == 0, stdout[-3000:] + stderr[-4000:]
+    run_dir = Path(stdout.strip().splitlines()[-1])
+    return stdout, run_dir, json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
 
 
 def _command_line(process) -> str:
@@ -168,9 +195,7 @@ def test_a_run_logs_syncs_checkpoints_and_summarises(full_run):
 
 
 def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
-    run = subprocess.Popen(
-        _command(tmp_path, "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment()
-    )
+    run = _start(tmp_path, "cut")
     _wait_for_step_1(run, tmp_path / "cut")
     run.send_signal(signal.SIGTERM)
     stdout, stderr = run.communicate(timeout=TIMEOUT_S)
@@ -209,28 +234,14 @@ def test_a_killed_rollout_engine_is_replaced_and_the_run_is_unchanged(full_run, 
     `ray::RolloutWorker.generate` while it generates): the controller replaces it, syncs it the current
     weights and regenerates its share of the batch (same per-prompt seeds), so the run matches the
     uninterrupted one-engine run step for step."""
-    import psutil
-
-    run = subprocess.Popen(
-        _command(tmp_path, "engine_killed", "rollout.num_engines=2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_environment(),
-    )
+    run = _start(tmp_path, "engine_killed", "rollout.num_engines=2")
     _wait_for_step_1(run, tmp_path / "engine_killed")
-    engines = [p for p in psutil.Process(run.pid).children(recursive=True) if "RolloutWorker" in _command_line(p)]
+    engines = _actor_processes(run, "RolloutWorker")
     assert len(engines) == 2, engines
-    deadline = time.monotonic() + TIMEOUT_S
-    while "RolloutWorker.generate" not in _command_line(engines[0]):
-        assert run.poll() is None and time.monotonic() < deadline, "no generation after step 1"
-        time.sleep(0.002)
+    _wait_until(run, lambda: "RolloutWorker.generate" in _command_line(engines[0]), "a generation", 0.002)
     engines[0].kill()
-    stdout, stderr = run.communicate(timeout=TIMEOUT_S)
-    assert run.returncode == 0, stdout[-3000:] + stderr[-4000:]
+    stdout, _, summary, history = _finish(run)
     assert "worker 0 died" in stdout and "restarting rollout engines [0]" in stdout
-    run_dir = Path(stdout.strip().splitlines()[-1])
-    summary, history = json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
     assert summary["steps"] == 4 and summary["engine_restarts"] >= 1
     assert sum(h.get("rollout/engine_restarts", 0) for h in history) == summary["engine_restarts"]
     _assert_same_steps(history, _history(full_run), range(1, 5))
@@ -241,29 +252,14 @@ def test_a_killed_learner_restarts_the_run_from_its_latest_checkpoint(full_run, 
     """SIGKILL the learner rank once the step-1 checkpoint is complete: the controller notices, stops the
     run's actors, and with trainer.max_restarts=1 starts again from the latest complete checkpoint; the
     final weights equal the uninterrupted run's."""
-    import psutil
-
-    extra = ("trainer.checkpoint_every=1", "trainer.max_restarts=1")
-    run = subprocess.Popen(
-        _command(tmp_path, "learner_killed", *extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_environment(),
-    )
-    _wait_for_step_1(run, tmp_path / "learner_killed")
-    latest, deadline = tmp_path / "learner_killed" / "checkpoints" / "latest", time.monotonic() + TIMEOUT_S
-    while not latest.is_file():
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    ranks = [p for p in psutil.Process(run.pid).children(recursive=True) if "LearnerWorker" in _command_line(p)]
+    run = _start(tmp_path, "learner_killed", "trainer.checkpoint_every=1", "trainer.max_restarts=1")
+    latest = tmp_path / "learner_killed" / "checkpoints" / "latest"
+    _wait_until(run, latest.is_file, "its first checkpoint")
+    ranks = _actor_processes(run, "LearnerWorker")
     assert len(ranks) == 1, ranks
     ranks[0].kill()
-    stdout, stderr = run.communicate(timeout=TIMEOUT_S)
-    assert run.returncode == 0, stdout[-3000:] + stderr[-4000:]
+    stdout, _, summary, history = _finish(run)
     assert "restart 1 of trainer.max_restarts=1" in stdout and "an actor died" in stdout
-    run_dir = Path(stdout.strip().splitlines()[-1])
-    summary, history = json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
     assert summary["steps"] == 4 and summary["restarts"] == 1 and summary["resumed_from"]
     assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
     _assert_same_steps(history, _history(full_run), range(1, 5))
@@ -276,34 +272,18 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_complete_o
     from cppo_rl.learner.checkpoint import latest_checkpoint
 
     extra = ("trainer.checkpoint_every=1",)
-    run = subprocess.Popen(
-        _command(tmp_path, "checkpoint_killed", *extra),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_environment(),
-    )
-    root, deadline = tmp_path / "checkpoint_killed" / "checkpoints", time.monotonic() + TIMEOUT_S
+    run = _start(tmp_path, "checkpoint_killed", *extra, output=subprocess.DEVNULL)
+    root = tmp_path / "checkpoint_killed" / "checkpoints"
     staging = root / ".staging-step_000002"
-    while not staging.exists():
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its step-2 checkpoint"
-        time.sleep(0.002)
+    _wait_until(run, staging.exists, "its step-2 checkpoint", 0.002)
     _kill_everything(run.pid)  # like a node failure: the driver, Ray and the learner writing the checkpoint
     run.wait(timeout=60)
     assert staging.is_dir() and not (staging / "complete.json").exists()  # killed mid-write
     assert latest_checkpoint(root) == root / "step_000001"
 
-    resumed = subprocess.run(
-        _command(tmp_path, "checkpoint_killed", *extra, "trainer.resume=auto"),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=_environment(),
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-4000:]
-    assert f"resumed from {root / 'step_000001'} (step 1)" in resumed.stdout
+    stdout, _, summary, history = _finish(_start(tmp_path, "checkpoint_killed", *extra, "trainer.resume=auto"))
+    assert f"resumed from {root / 'step_000001'} (step 1)" in stdout
     assert not staging.exists()
-    run_dir = Path(resumed.stdout.strip().splitlines()[-1])
-    summary, history = json.loads((run_dir / "summary.json").read_text()), _history(run_dir)
     assert summary["steps"] == 4 and [h["step"] for h in history] == [0, 1, 2, 3, 4]
     _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
 
