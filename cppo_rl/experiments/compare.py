@@ -1,19 +1,22 @@
 """CPPO against every baseline and its ablations, at two off-policy degrees, over seeds (issue 8's study).
 
-    python -m cppo_rl.experiments.compare [--methods ...] [--updates 2 8] [--seeds 0 1 2] [--steps 40]
-        [--out runs/compare] [--report docs/results.md] [--report-only] [-- OVERRIDE ...]
+    python -m cppo_rl.experiments.compare [--methods ...] [--updates 2 8] [--seeds 0 1 2] [--steps 20]
+        [--experiment offpolicy_stress] [--out runs/compare] [--report docs/results.md] [--report-only]
+        [-- OVERRIDE ...]
 
 Each cell (method, updates per rollout, seed) is one run of the main job on the warmed-up tiny model,
-in `OUT/<method>-u<updates>-s<seed>/`, with the same data, prompts per step and step budget; updates per
-rollout set the mini-batch (`prompts / updates` prompts). The grid is resumable: a finished run (its
-summary.json has every step) is skipped, an interrupted one continues from its latest checkpoint. The
-report (a markdown table, and PNG plots beside it under img/) is built from whatever runs have finished.
+in `OUT/<method>-u<updates>-s<seed>/`, with the same experiment preset (task, response length, batch),
+data and step budget; updates per rollout set the mini-batch (`prompts / updates` prompts). The grid is
+resumable: a finished run (its summary.json has every step) is skipped, an interrupted one continues from
+its latest checkpoint. The report (a markdown table, and PNG plots beside it under img/) is built from
+whatever runs have finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,11 +41,12 @@ class Cell:
         return f"{self.method}-u{self.updates}-s{self.seed}"
 
 
-def run_overrides(cell: Cell, out: Path, prompts: int, steps: int, eval_every: int) -> list[str]:
+def run_overrides(cell: Cell, out: Path, experiment: str, prompts: int, steps: int, eval_every: int) -> list[str]:
     """The main job's overrides for one cell."""
     if prompts % cell.updates:
         raise ValueError(f"--prompts {prompts} is not a multiple of {cell.updates} updates per rollout")
     return [
+        f"experiment={experiment}",
         f"algorithm={cell.method}",
         f"trainer.prompts_per_step={prompts}",
         f"trainer.minibatch_prompts={prompts // cell.updates}",
@@ -79,6 +83,15 @@ def load_runs(out: Path) -> list[dict]:
             }
         )
     return runs
+
+
+def archive(runs: list[dict], out: Path, target: Path) -> None:
+    """Copy the files the report reads (summary.json, metrics.jsonl) of each run to `target/<cell>/`."""
+    for run in runs:
+        folder = target / run["cell"].name
+        folder.mkdir(parents=True, exist_ok=True)
+        for file_name in ("summary.json", "metrics.jsonl"):
+            shutil.copyfile(out / run["cell"].name / file_name, folder / file_name)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -182,12 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--updates", nargs="+", type=int, default=[2, 8])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--experiment", default="offpolicy_stress", help="conf/experiment/ preset of every run")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--report", type=Path, help="write the markdown table here (plots into its img/ folder)")
     parser.add_argument("--report-only", action="store_true", help="build the report from finished runs only")
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        help="copy each finished run's summary.json and metrics.jsonl to ARCHIVE/<cell>/ (small, committable; "
+        "`--report-only --out ARCHIVE` rebuilds the report from them)",
+    )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
     cells = [Cell(m, u, s) for u in args.updates for m in args.methods for s in args.seeds]
@@ -198,13 +218,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{index}/{len(cells)}] {cell.name}: running", flush=True)
         command = [sys.executable, "-m", "cppo_rl.train"]
-        command += run_overrides(cell, args.out, args.prompts, args.steps, args.eval_every) + args.overrides
+        command += run_overrides(cell, args.out, args.experiment, args.prompts, args.steps, args.eval_every)
+        command += args.overrides
         args.out.mkdir(parents=True, exist_ok=True)
         with (args.out / f"{cell.name}.log").open("a") as log:
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 failed.append(cell.name)
                 print(f"  failed: see {args.out / f'{cell.name}.log'}", flush=True)
     runs = [r for r in load_runs(args.out) if r["summary"]["steps"] >= args.steps]
+    if args.archive:
+        archive(runs, args.out, args.archive)
     rows = table(runs)
     print("\n".join(rows))
     if args.report and runs:

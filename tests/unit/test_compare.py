@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from cppo_rl.experiments.compare import Cell, finished, load_runs, plot, run_overrides, table
+import cppo_rl.train  # noqa: F401  (registers the schema)
+from cppo_rl.config import validate
+from cppo_rl.experiments.compare import METHODS, Cell, archive, finished, load_runs, plot, run_overrides, table
+from cppo_rl.train import CONF_DIR
 
 
 def _write_run(out, cell, start, end, best, masked, steps=4):
@@ -25,12 +30,12 @@ def _write_run(out, cell, start, end, best, masked, steps=4):
 
 
 def test_a_cell_sets_the_minibatch_from_the_off_policy_degree(tmp_path):
-    overrides = run_overrides(Cell("dppo", 8, 2), tmp_path, prompts=16, steps=40, eval_every=10)
+    overrides = run_overrides(Cell("dppo", 8, 2), tmp_path, "offpolicy_stress", prompts=16, steps=40, eval_every=10)
     assert "algorithm=dppo" in overrides and "trainer.minibatch_prompts=2" in overrides
     assert "trainer.seed=2" in overrides and "trainer.resume=auto" in overrides
     assert "trainer.run_name=dppo-u8-s2" in overrides
     with pytest.raises(ValueError, match="not a multiple of 3 updates"):
-        run_overrides(Cell("cppo", 3, 0), tmp_path, prompts=16, steps=40, eval_every=10)
+        run_overrides(Cell("cppo", 3, 0), tmp_path, "offpolicy_stress", prompts=16, steps=40, eval_every=10)
 
 
 def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
@@ -45,3 +50,29 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     assert rows[3] == "| grpo | 8 | 1 | 0.200 ± 0.000 | 0.450 ± 0.000 | 1/1 | 0.0000 |"
     images = plot(runs, tmp_path / "img")
     assert all(image.is_file() and image.stat().st_size > 1000 for image in images) and len(images) == 4
+
+
+@pytest.mark.parametrize("updates", [2, 8])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_cell_of_the_default_grid_composes_and_validates(tmp_path, method, updates):
+    """The stress preset with each method and degree is a valid main-job config: the long task, one
+    mini-batch per update that splits over two ranks, the method's own algorithm section."""
+    overrides = run_overrides(Cell(method, updates, 0), tmp_path, "offpolicy_stress", prompts=8, steps=20, eval_every=5)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        config = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    validate(config)
+    assert config.algorithm.name == method
+    assert (config.data.task.min_operations, config.data.task.max_operations) == (4, 8)
+    assert config.rollout.max_response_length == 128
+    assert config.trainer.prompts_per_step // config.trainer.minibatch_prompts == updates
+
+
+def test_archived_runs_rebuild_the_same_table(tmp_path):
+    out, kept = tmp_path / "runs", tmp_path / "archive"
+    _write_run(out, Cell("cppo", 8, 0), 0.40, 0.60, 0.62, 0.010)
+    _write_run(out, Cell("dppo", 2, 1), 0.40, 0.30, 0.45, 0.020)
+    (out / "cppo-u8-s0" / "checkpoints").mkdir()  # not archived
+    runs = load_runs(out)
+    archive(runs, out, kept)
+    assert sorted(p.name for p in (kept / "cppo-u8-s0").iterdir()) == ["metrics.jsonl", "summary.json"]
+    assert table(load_runs(kept)) == table(runs)
