@@ -140,7 +140,7 @@ def _curve(runs: list[dict], metric: str) -> tuple[list[int], list[float]]:
 
 
 def plot(runs: list[dict], img_dir: Path) -> list[Path]:
-    """accuracy vs step, masked fraction by cause vs step, divergence by position decile; one panel per
+    """Accuracy vs step, masked fraction by cause vs step, divergence by position decile; one column per
     off-policy degree, one line per method (mean over seeds)."""
     import matplotlib
 
@@ -150,21 +150,32 @@ def plot(runs: list[dict], img_dir: Path) -> list[Path]:
     img_dir.mkdir(parents=True, exist_ok=True)
     degrees = sorted({r["cell"].updates for r in runs})
     methods = [m for m in METHODS if any(r["cell"].method == m for r in runs)]
-    charts = {
-        "compare_accuracy.png": ("eval/accuracy", "held-out accuracy (Avg@k)"),
-        "compare_masked.png": ("actor/masked_frac", "masked token fraction"),
-        "compare_masked_by_prefix.png": ("actor/masked_by_prefix_frac", "masked by the prefix budget"),
+
+    def members(method: str, updates: int) -> list[dict]:
+        return [r for r in runs if (r["cell"].method, r["cell"].updates) == (method, updates)]
+
+    def second_half_mean(group: list[dict], metric: str) -> float:
+        values = [h[metric] for r in group for h in r["history"][len(r["history"]) // 2 :] if metric in h]
+        return statistics.mean(values) if values else float("nan")
+
+    charts = {  # file: rows of (metric, y label); x is the step
+        "compare_accuracy.png": [("eval/accuracy", "held-out accuracy (Avg@k)")],
+        "compare_masked_by_cause.png": [
+            ("actor/masked_frac", "masked tokens, all causes"),
+            ("actor/masked_by_token_frac", "masked: w_t D_t > delta (CPPO)"),
+            ("actor/masked_by_prefix_frac", "masked: prefix budget (CPPO)"),
+        ],
     }
     written = []
-    for file_name, (metric, label) in charts.items():
-        figure, axes = plt.subplots(1, len(degrees), figsize=(6 * len(degrees), 4.5), squeeze=False)
-        for axis, updates in zip(axes[0], degrees, strict=True):
-            for method in methods:
-                members = [r for r in runs if (r["cell"].method, r["cell"].updates) == (method, updates)]
-                steps, values = _curve(members, metric)
-                if steps:
-                    axis.plot(steps, values, label=method, linestyle="-" if method.startswith("cppo") else "--")
-            axis.set(xlabel="step", ylabel=label, title=f"{updates} updates per rollout")
+    for file_name, rows in charts.items():
+        figure, axes = plt.subplots(len(rows), len(degrees), figsize=(6 * len(degrees), 4 * len(rows)), squeeze=False)
+        for row, (metric, label) in enumerate(rows):
+            for axis, updates in zip(axes[row], degrees, strict=True):
+                for method in methods:
+                    steps, values = _curve(members(method, updates), metric)
+                    if steps:
+                        axis.plot(steps, values, label=method, linestyle="-" if method.startswith("cppo") else "--")
+                axis.set(xlabel="step", ylabel=label, title=f"{updates} updates per rollout")
         axes[0][0].legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(img_dir / file_name, dpi=110)
@@ -173,12 +184,9 @@ def plot(runs: list[dict], img_dir: Path) -> list[Path]:
     figure, axes = plt.subplots(1, len(degrees), figsize=(6 * len(degrees), 4.5), squeeze=False)
     for axis, updates in zip(axes[0], degrees, strict=True):
         for method in methods:
-            members = [r for r in runs if (r["cell"].method, r["cell"].updates) == (method, updates)]
-            deciles = []
-            for decile in range(10):
-                name = f"actor/divergence_mean_decile_{decile}"
-                values = [h[name] for r in members for h in r["history"][len(r["history"]) // 2 :] if name in h]
-                deciles.append(statistics.mean(values) if values else float("nan"))
+            deciles = [
+                second_half_mean(members(method, updates), f"actor/divergence_mean_decile_{d}") for d in range(10)
+            ]
             axis.plot(range(10), deciles, marker="o", label=method)
         axis.set(
             xlabel="position decile", ylabel="mean divergence (second half of training)", title=f"{updates} updates"

@@ -49,7 +49,7 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.585 ± 0.049 | 0/2 | 0.0200 |"
     assert rows[3] == "| grpo | 8 | 1 | 0.200 ± 0.000 | 0.450 ± 0.000 | 1/1 | 0.0000 |"
     images = plot(runs, tmp_path / "img")
-    assert all(image.is_file() and image.stat().st_size > 1000 for image in images) and len(images) == 4
+    assert all(image.is_file() and image.stat().st_size > 1000 for image in images) and len(images) == 3
 
 
 @pytest.mark.parametrize("updates", [2, 8])
