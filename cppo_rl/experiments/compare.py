@@ -94,6 +94,21 @@ def archive(runs: list[dict], out: Path, target: Path) -> None:
             shutil.copyfile(out / run["cell"].name / file_name, folder / file_name)
 
 
+REPORT_BEGIN, REPORT_END = "<!-- compare: generated, begin -->", "<!-- compare: generated, end -->"
+
+
+def write_report(path: Path, generated: list[str]) -> None:
+    """Put the `generated` lines between the report's markers, keeping the hand-written text around them
+    (a new file gets a title and the markers)."""
+    text = path.read_text() if path.is_file() else f"# CPPO against the baselines\n\n{REPORT_BEGIN}\n{REPORT_END}\n"
+    if text.count(REPORT_BEGIN) != 1 or text.count(REPORT_END) != 1:
+        raise ValueError(f"{path}: expected one {REPORT_BEGIN!r} and one {REPORT_END!r} line around the generated part")
+    head, rest = text.split(REPORT_BEGIN)
+    _, tail = rest.split(REPORT_END)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([head + REPORT_BEGIN, *generated, REPORT_END + tail]))
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -102,30 +117,46 @@ def _mean_std(values: list[float]) -> str:
 
 
 def table(runs: list[dict]) -> list[str]:
-    """Markdown rows: per (method, updates), final and best held-out accuracy (mean ± std over seeds),
-    collapsed runs, and the mean masked-token fraction over training."""
+    """Markdown rows: per (method, updates), final and best held-out accuracy (mean ± std over seeds), the
+    final accuracy minus CPPO's in the same seed's run (same prompts and sampling seeds: a paired
+    difference), collapsed runs, and the mean masked-token fraction and divergence over training."""
     rows = [
-        "| method | updates / rollout | seeds | final accuracy | best accuracy | collapsed | masked tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| method | updates / rollout | seeds | final accuracy | best accuracy | final − cppo (paired) | collapsed "
+        "| masked tokens | mean divergence |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["cell"].method, run["cell"].updates), []).append(run)
+    final = {(r["cell"].method, r["cell"].updates, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in runs}
     order = {method: index for index, method in enumerate(METHODS)}
     for (method, updates), members in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 99))):
         finals = [r["summary"]["eval_accuracy_end"] for r in members]
         bests = [r["summary"]["eval_accuracy_best"] for r in members]
+        paired = [
+            final[(method, updates, r["cell"].seed)] - final[("cppo", updates, r["cell"].seed)]
+            for r in members
+            if ("cppo", updates, r["cell"].seed) in final
+        ]
         collapsed = sum(
             r["summary"]["eval_accuracy_end"] < r["summary"]["eval_accuracy_start"] - COLLAPSE_POINTS for r in members
         )
-        masked = [
-            statistics.mean(h["actor/masked_frac"] for h in r["history"] if "actor/masked_frac" in h) for r in members
-        ]
+        masked, divergence = (
+            statistics.mean(_run_mean(r, metric) for r in members)
+            for metric in ("actor/masked_frac", "actor/divergence_mean")
+        )
         rows.append(
             f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(bests)} | "
-            f"{collapsed}/{len(members)} | {statistics.mean(masked):.4f} |"
+            f"{_mean_std(paired) if method != 'cppo' else '-'} | {collapsed}/{len(members)} | {masked:.4f} | "
+            f"{divergence:.4f} |"
         )
     return rows
+
+
+def _run_mean(run: dict, metric: str) -> float:
+    """The mean of `metric` over a run's training steps (nan when it never logged it)."""
+    values = [h[metric] for h in run["history"] if metric in h]
+    return statistics.mean(values) if values else float("nan")
 
 
 def _curve(runs: list[dict], metric: str) -> tuple[list[int], list[float]]:
@@ -241,20 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.report and runs:
         images = plot(runs, args.report.parent / "img")
         command = " ".join(["python -m cppo_rl.experiments.compare", *(argv if argv is not None else sys.argv[1:])])
-        args.report.write_text(
-            "\n".join(
-                [
-                    "# CPPO against the baselines on the generated task",
-                    "",
-                    f"Regenerate: `{command}`. Runs: `{args.out}` ({len(runs)} finished).",
-                    "",
-                    *rows,
-                    "",
-                    *[f"![{image.stem}](img/{image.name})" for image in images],
-                    "",
-                ]
-            )
-        )
+        generated = [
+            f"Regenerate: `{command}`. Runs: `{args.out}` ({len(runs)} finished).",
+            "",
+            *rows,
+            "",
+            *[f"![{image.stem}](img/{image.name})" for image in images],
+        ]
+        write_report(args.report, generated)
         print(f"wrote {args.report}")
     return 1 if failed else 0
 

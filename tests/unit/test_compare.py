@@ -10,7 +10,19 @@ from omegaconf import OmegaConf
 
 import cppo_rl.train  # noqa: F401  (registers the schema)
 from cppo_rl.config import validate
-from cppo_rl.experiments.compare import METHODS, Cell, archive, finished, load_runs, plot, run_overrides, table
+from cppo_rl.experiments.compare import (
+    METHODS,
+    REPORT_BEGIN,
+    REPORT_END,
+    Cell,
+    archive,
+    finished,
+    load_runs,
+    plot,
+    run_overrides,
+    table,
+    write_report,
+)
 from cppo_rl.train import CONF_DIR
 
 
@@ -22,6 +34,7 @@ def _write_run(out, cell, start, end, best, masked, steps=4):
     lines = [{"step": 0, "eval/accuracy": start}]
     for step in range(1, steps + 1):
         line = {"step": step, "actor/masked_frac": masked, "actor/masked_by_prefix_frac": masked / 2}
+        line["actor/divergence_mean"] = masked / 2
         line.update({f"actor/divergence_mean_decile_{d}": 0.01 * d for d in range(10)})
         if step == steps:
             line["eval/accuracy"] = end
@@ -46,8 +59,9 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     assert finished(tmp_path / "cppo-u8-s0", 4) and not finished(tmp_path / "grpo-u8-s1", 4)
     runs = [r for r in load_runs(tmp_path) if r["summary"]["steps"] >= 4]
     rows = table(runs)
-    assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.585 ± 0.049 | 0/2 | 0.0200 |"
-    assert rows[3] == "| grpo | 8 | 1 | 0.200 ± 0.000 | 0.450 ± 0.000 | 1/1 | 0.0000 |"
+    assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.585 ± 0.049 | - | 0/2 | 0.0200 | 0.0100 |"
+    # grpo seed 0 against cppo seed 0: 0.20 - 0.60
+    assert rows[3] == "| grpo | 8 | 1 | 0.200 ± 0.000 | 0.450 ± 0.000 | -0.400 ± 0.000 | 1/1 | 0.0000 | 0.0000 |"
     images = plot(runs, tmp_path / "img")
     assert all(image.is_file() and image.stat().st_size > 1000 for image in images) and len(images) == 3
 
@@ -76,3 +90,16 @@ def test_archived_runs_rebuild_the_same_table(tmp_path):
     archive(runs, out, kept)
     assert sorted(p.name for p in (kept / "cppo-u8-s0").iterdir()) == ["metrics.jsonl", "summary.json"]
     assert table(load_runs(kept)) == table(runs)
+
+
+def test_the_report_keeps_its_hand_written_text_around_the_generated_part(tmp_path):
+    report = tmp_path / "results.md"
+    write_report(report, ["| table v1 |"])
+    report.write_text(report.read_text().replace(REPORT_BEGIN, "Analysis above.\n" + REPORT_BEGIN) + "Notes below.\n")
+    write_report(report, ["| table v2 |"])
+    text = report.read_text()
+    assert "Analysis above.\n" + REPORT_BEGIN + "\n| table v2 |\n" + REPORT_END + "\nNotes below." in text
+    assert "v1" not in text
+    report.write_text("no markers")
+    with pytest.raises(ValueError, match="expected one"):
+        write_report(report, ["| table |"])
