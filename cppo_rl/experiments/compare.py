@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -148,13 +149,14 @@ def table(runs: list[dict]) -> list[str]:
         rows.append(
             f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(bests)} | "
             f"{_mean_std(paired) if method != 'cppo' else '-'} | {collapsed}/{len(members)} | {masked:.4f} | "
-            f"{divergence:.4f} |"
+            f"{'-' if math.isnan(divergence) else f'{divergence:.4f}'} |"
         )
     return rows
 
 
 def _run_mean(run: dict, metric: str) -> float:
-    """The mean of `metric` over a run's training steps (nan when it never logged it)."""
+    """The mean of `metric` over a run's training steps (nan when it never logged it: GRPO and CISPO
+    compute no divergence)."""
     values = [h[metric] for h in run["history"] if metric in h]
     return statistics.mean(values) if values else float("nan")
 
