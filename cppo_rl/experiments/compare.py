@@ -95,19 +95,22 @@ def archive(runs: list[dict], out: Path, target: Path) -> None:
             shutil.copyfile(out / run["cell"].name / file_name, folder / file_name)
 
 
-REPORT_BEGIN, REPORT_END = "<!-- compare: generated, begin -->", "<!-- compare: generated, end -->"
+def report_markers(study: str) -> tuple[str, str]:
+    """The lines around a study's generated part of a report (one report can hold several studies)."""
+    return f"<!-- {study}: generated, begin -->", f"<!-- {study}: generated, end -->"
 
 
-def write_report(path: Path, generated: list[str]) -> None:
-    """Put the `generated` lines between the report's markers, keeping the hand-written text around them
+def write_report(path: Path, study: str, generated: list[str]) -> None:
+    """Put the `generated` lines between the study's markers, keeping the hand-written text around them
     (a new file gets a title and the markers)."""
-    text = path.read_text() if path.is_file() else f"# CPPO against the baselines\n\n{REPORT_BEGIN}\n{REPORT_END}\n"
-    if text.count(REPORT_BEGIN) != 1 or text.count(REPORT_END) != 1:
-        raise ValueError(f"{path}: expected one {REPORT_BEGIN!r} and one {REPORT_END!r} line around the generated part")
-    head, rest = text.split(REPORT_BEGIN)
-    _, tail = rest.split(REPORT_END)
+    begin, end = report_markers(study)
+    text = path.read_text() if path.is_file() else f"# CPPO against the baselines\n\n{begin}\n{end}\n"
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{path}: expected one {begin!r} and one {end!r} line around the generated part")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([head + REPORT_BEGIN, *generated, REPORT_END + tail]))
+    path.write_text("\n".join([head + begin, *generated, end + tail]))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -172,9 +175,9 @@ def _curve(runs: list[dict], metric: str) -> tuple[list[int], list[float]]:
     return steps, [statistics.mean(per_step[s]) for s in steps]
 
 
-def plot(runs: list[dict], img_dir: Path) -> list[Path]:
-    """Accuracy vs step, masked fraction by cause vs step, divergence by position decile; one column per
-    off-policy degree, one line per method (mean over seeds)."""
+def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
+    """Accuracy vs step, masked fraction by cause vs step, divergence by position decile, as
+    `img_dir/<study>_*.png`; one column per off-policy degree, one line per method (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,8 +195,8 @@ def plot(runs: list[dict], img_dir: Path) -> list[Path]:
         return statistics.mean(values) if values else float("nan")
 
     charts = {  # file: rows of (metric, y label); x is the step
-        "compare_accuracy.png": [("eval/accuracy", "held-out accuracy (Avg@k)")],
-        "compare_masked_by_cause.png": [
+        f"{study}_accuracy.png": [("eval/accuracy", "held-out accuracy (Avg@k)")],
+        f"{study}_masked_by_cause.png": [
             ("actor/masked_frac", "masked tokens, all causes"),
             ("actor/masked_by_token_frac", "masked: w_t D_t > delta (CPPO)"),
             ("actor/masked_by_prefix_frac", "masked: prefix budget (CPPO)"),
@@ -226,9 +229,9 @@ def plot(runs: list[dict], img_dir: Path) -> list[Path]:
         )
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(img_dir / "compare_divergence_by_position.png", dpi=110)
+    figure.savefig(img_dir / f"{study}_divergence_by_position.png", dpi=110)
     plt.close(figure)
-    return [*written, img_dir / "compare_divergence_by_position.png"]
+    return [*written, img_dir / f"{study}_divergence_by_position.png"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = table(runs)
     print("\n".join(rows))
     if args.report and runs:
-        images = plot(runs, args.report.parent / "img")
+        study = args.out.name  # runs/compare and its archive results/compare share one section and plot names
+        images = plot(runs, args.report.parent / "img", study)
         command = " ".join(["python -m cppo_rl.experiments.compare", *(argv if argv is not None else sys.argv[1:])])
         generated = [
             f"Regenerate: `{command}`. Runs: `{args.out}` ({len(runs)} finished).",
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *[f"![{image.stem}](img/{image.name})" for image in images],
         ]
-        write_report(args.report, generated)
+        write_report(args.report, study, generated)
         print(f"wrote {args.report}")
     return 1 if failed else 0
 

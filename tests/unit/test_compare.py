@@ -12,13 +12,12 @@ import cppo_rl.train  # noqa: F401  (registers the schema)
 from cppo_rl.config import validate
 from cppo_rl.experiments.compare import (
     METHODS,
-    REPORT_BEGIN,
-    REPORT_END,
     Cell,
     archive,
     finished,
     load_runs,
     plot,
+    report_markers,
     run_overrides,
     table,
     write_report,
@@ -94,12 +93,15 @@ def test_archived_runs_rebuild_the_same_table(tmp_path):
 
 def test_the_report_keeps_its_hand_written_text_around_the_generated_part(tmp_path):
     report = tmp_path / "results.md"
-    write_report(report, ["| table v1 |"])
-    report.write_text(report.read_text().replace(REPORT_BEGIN, "Analysis above.\n" + REPORT_BEGIN) + "Notes below.\n")
-    write_report(report, ["| table v2 |"])
+    begin, end = report_markers("compare")
+    write_report(report, "compare", ["| table v1 |"])
+    report.write_text(report.read_text().replace(begin, "Analysis above.\n" + begin) + "Notes below.\n")
+    write_report(report, "compare", ["| table v2 |"])
     text = report.read_text()
-    assert "Analysis above.\n" + REPORT_BEGIN + "\n| table v2 |\n" + REPORT_END + "\nNotes below." in text
+    assert "Analysis above.\n" + begin + "\n| table v2 |\n" + end + "\nNotes below." in text
     assert "v1" not in text
-    report.write_text("no markers")
-    with pytest.raises(ValueError, match="expected one"):
-        write_report(report, ["| table |"])
+    with pytest.raises(ValueError, match="expected one"):  # a second study needs its own markers first
+        write_report(report, "compare_scaled", ["| table |"])
+    report.write_text(text + "\n".join(report_markers("compare_scaled")) + "\n")
+    write_report(report, "compare_scaled", ["| scaled |"])
+    assert "| table v2 |" in report.read_text() and "| scaled |" in report.read_text()
