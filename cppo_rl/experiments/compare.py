@@ -87,12 +87,15 @@ def load_runs(out: Path) -> list[dict]:
 
 
 def archive(runs: list[dict], out: Path, target: Path) -> None:
-    """Copy the files the report reads (summary.json, metrics.jsonl) of each run to `target/<cell>/`."""
+    """Copy the files the report reads (summary.json, metrics.jsonl) of each run, and its resolved config
+    (Hydra's .hydra/config.yaml, as config.yaml), to `target/<cell>/`."""
     for run in runs:
-        folder = target / run["cell"].name
+        source, folder = out / run["cell"].name, target / run["cell"].name
         folder.mkdir(parents=True, exist_ok=True)
         for file_name in ("summary.json", "metrics.jsonl"):
-            shutil.copyfile(out / run["cell"].name / file_name, folder / file_name)
+            shutil.copyfile(source / file_name, folder / file_name)
+        if (source / ".hydra" / "config.yaml").is_file():
+            shutil.copyfile(source / ".hydra" / "config.yaml", folder / "config.yaml")
 
 
 def report_markers(study: str) -> tuple[str, str]:

@@ -85,9 +85,13 @@ def test_archived_runs_rebuild_the_same_table(tmp_path):
     _write_run(out, Cell("cppo", 8, 0), 0.40, 0.60, 0.62, 0.010)
     _write_run(out, Cell("dppo", 2, 1), 0.40, 0.30, 0.45, 0.020)
     (out / "cppo-u8-s0" / "checkpoints").mkdir()  # not archived
+    (out / "cppo-u8-s0" / ".hydra").mkdir()
+    (out / "cppo-u8-s0" / ".hydra" / "config.yaml").write_text("algorithm:\n  delta: 0.04\n")
     runs = load_runs(out)
     archive(runs, out, kept)
-    assert sorted(p.name for p in (kept / "cppo-u8-s0").iterdir()) == ["metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in (kept / "cppo-u8-s0").iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    assert (kept / "cppo-u8-s0" / "config.yaml").read_text() == "algorithm:\n  delta: 0.04\n"
+    assert sorted(p.name for p in (kept / "dppo-u2-s1").iterdir()) == ["metrics.jsonl", "summary.json"]
     assert table(load_runs(kept)) == table(runs)
 
 
