@@ -189,6 +189,7 @@ def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
     img_dir.mkdir(parents=True, exist_ok=True)
     degrees = sorted({r["cell"].updates for r in runs})
     methods = [m for m in METHODS if any(r["cell"].method == m for r in runs)]
+    color = {method: f"C{index}" for index, method in enumerate(METHODS)}  # one colour per method everywhere
 
     def members(method: str, updates: int) -> list[dict]:
         return [r for r in runs if (r["cell"].method, r["cell"].updates) == (method, updates)]
@@ -213,7 +214,8 @@ def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
                 for method in methods:
                     steps, values = _curve(members(method, updates), metric)
                     if steps:
-                        axis.plot(steps, values, label=method, linestyle="-" if method.startswith("cppo") else "--")
+                        style = "-" if method.startswith("cppo") else "--"
+                        axis.plot(steps, values, label=method, linestyle=style, color=color[method])
                 axis.set(xlabel="step", ylabel=label, title=f"{updates} updates per rollout")
         axes[0][0].legend(fontsize=7)
         figure.tight_layout()
@@ -226,7 +228,7 @@ def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
             deciles = [
                 second_half_mean(members(method, updates), f"actor/divergence_mean_decile_{d}") for d in range(10)
             ]
-            axis.plot(range(10), deciles, marker="o", label=method)
+            axis.plot(range(10), deciles, marker="o", label=method, color=color[method])
         axis.set(
             xlabel="position decile", ylabel="mean divergence (second half of training)", title=f"{updates} updates"
         )
