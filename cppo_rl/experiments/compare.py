@@ -132,9 +132,7 @@ def table(runs: list[dict]) -> list[str]:
         "| masked tokens | mean divergence |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["cell"].method, run["cell"].updates), []).append(run)
+    groups = _by_method_and_degree(runs)
     final = {(r["cell"].method, r["cell"].updates, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in runs}
     order = {method: index for index, method in enumerate(METHODS)}
     for (method, updates), members in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 99))):
@@ -149,7 +147,7 @@ def table(runs: list[dict]) -> list[str]:
             r["summary"]["eval_accuracy_end"] < r["summary"]["eval_accuracy_start"] - COLLAPSE_POINTS for r in members
         )
         masked, divergence = (
-            statistics.mean(_run_mean(r, metric) for r in members)
+            statistics.mean(_history_mean([r], metric) for r in members)
             for metric in ("actor/masked_frac", "actor/divergence_mean")
         )
         rows.append(
@@ -160,10 +158,20 @@ def table(runs: list[dict]) -> list[str]:
     return rows
 
 
-def _run_mean(run: dict, metric: str) -> float:
-    """The mean of `metric` over a run's training steps (nan when it never logged it: GRPO and CISPO
-    compute no divergence)."""
-    values = [h[metric] for h in run["history"] if metric in h]
+def _by_method_and_degree(runs: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """The runs of each (method, updates per rollout): its seeds."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["cell"].method, run["cell"].updates), []).append(run)
+    return groups
+
+
+def _history_mean(runs: list[dict], metric: str, second_half: bool = False) -> float:
+    """The mean of `metric` over the runs' logged steps (or the second half of each run's history); nan
+    when none logged it (GRPO and CISPO compute no divergence)."""
+    values = [
+        h[metric] for r in runs for h in r["history"][len(r["history"]) // 2 if second_half else 0 :] if metric in h
+    ]
     return statistics.mean(values) if values else float("nan")
 
 
@@ -190,13 +198,7 @@ def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
     degrees = sorted({r["cell"].updates for r in runs})
     methods = [m for m in METHODS if any(r["cell"].method == m for r in runs)]
     color = {method: f"C{index}" for index, method in enumerate(METHODS)}  # one colour per method everywhere
-
-    def members(method: str, updates: int) -> list[dict]:
-        return [r for r in runs if (r["cell"].method, r["cell"].updates) == (method, updates)]
-
-    def second_half_mean(group: list[dict], metric: str) -> float:
-        values = [h[metric] for r in group for h in r["history"][len(r["history"]) // 2 :] if metric in h]
-        return statistics.mean(values) if values else float("nan")
+    groups = _by_method_and_degree(runs)
 
     charts = {  # file: rows of (metric, y label); x is the step
         f"{study}_accuracy.png": [("eval/accuracy", "held-out accuracy (Avg@k)")],
@@ -212,7 +214,7 @@ def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
         for row, (metric, label) in enumerate(rows):
             for axis, updates in zip(axes[row], degrees, strict=True):
                 for method in methods:
-                    steps, values = _curve(members(method, updates), metric)
+                    steps, values = _curve(groups.get((method, updates), []), metric)
                     if steps:
                         style = "-" if method.startswith("cppo") else "--"
                         axis.plot(steps, values, label=method, linestyle=style, color=color[method])
@@ -225,9 +227,8 @@ def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
     figure, axes = plt.subplots(1, len(degrees), figsize=(6 * len(degrees), 4.5), squeeze=False)
     for axis, updates in zip(axes[0], degrees, strict=True):
         for method in methods:
-            deciles = [
-                second_half_mean(members(method, updates), f"actor/divergence_mean_decile_{d}") for d in range(10)
-            ]
+            members = groups.get((method, updates), [])
+            deciles = [_history_mean(members, f"actor/divergence_mean_decile_{d}", second_half=True) for d in range(10)]
             axis.plot(range(10), deciles, marker="o", label=method, color=color[method])
         axis.set(
             xlabel="position decile", ylabel="mean divergence (second half of training)", title=f"{updates} updates"
@@ -254,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--archive",
         type=Path,
-        help="copy each finished run's summary.json and metrics.jsonl to ARCHIVE/<cell>/ (small, committable; "
-        "`--report-only --out ARCHIVE` rebuilds the report from them)",
+        help="copy each finished run's summary.json, metrics.jsonl and resolved config to ARCHIVE/<cell>/ (small, "
+        "committable; `--report-only --out ARCHIVE` rebuilds the report from them)",
     )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
