@@ -2,7 +2,10 @@
 
 RL from a random model gets no reward, so the default run first fine-tunes the tiny Qwen3 on worked
 solutions (chat template applied, loss on the completion and its `<|im_end|>` only, AdamW) until its
-held-out accuracy (Avg@k, sampled) reaches a target, or a step or time budget runs out. The result is
+held-out accuracy (Avg@k, sampled, checked every `eval_every` steps) reaches a target or `max_steps`
+run out. The stop rule counts steps, never seconds, so one config hash is one set of weights on any
+machine; `max_seconds` only bounds the wait: past it the build fails (`WarmStartTimeout`, nothing
+cached) rather than caching a less-trained model under the same hash. The result is
 a hub-style model directory (`cppo_rl.data.tiny_model`) plus `warmstart.json` (the config, steps,
 seconds, accuracy and the loss/accuracy history), stored under `<cache>/models/<hash>` where `<cache>`
 is the `cache_dir` argument, else `$CPPO_CACHE_DIR`, else `<repo>/.cache`. The directory is built
@@ -39,9 +42,16 @@ CACHE_FORMAT = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+class WarmStartTimeout(RuntimeError):
+    """The time limit ran out before the stop rule fired; nothing was cached."""
+
+
 @dataclass(frozen=True)
 class WarmStartConfig:
-    """Training hyperparameters and the stop rule (units: steps, seconds, fractions)."""
+    """Training hyperparameters, the stop rule (target accuracy or `max_steps`) and a time limit.
+
+    Units: steps, seconds, fractions. `max_seconds` is not part of the cache hash: it changes no weights.
+    """
 
     batch_size: int = 64
     lr: float = 2e-3
@@ -85,8 +95,9 @@ class WarmStartResult:
 
 
 def full_config(model: TinyModelConfig, task: ArithmeticTaskConfig, train: WarmStartConfig) -> dict:
-    """Everything that determines the warm-started weights, as one JSON-ready dict."""
-    return {"format": CACHE_FORMAT, "model": model.to_dict(), "task": task.to_dict(), "train": train.to_dict()}
+    """Everything that determines the warm-started weights, as one JSON-ready dict (not the time limit)."""
+    train_fields = {name: value for name, value in train.to_dict().items() if name != "max_seconds"}
+    return {"format": CACHE_FORMAT, "model": model.to_dict(), "task": task.to_dict(), "train": train_fields}
 
 
 def config_hash(model: TinyModelConfig, task: ArithmeticTaskConfig, train: WarmStartConfig) -> str:
@@ -186,7 +197,14 @@ def train_warm_model(
     history, losses, accuracy, step = [], [], 0.0, 0
     model.train()
     start = time.perf_counter()
-    while step < config.max_steps and time.perf_counter() - start < config.max_seconds:
+    while step < config.max_steps:
+        if time.perf_counter() - start > config.max_seconds:
+            raise WarmStartTimeout(
+                f"warm start: held-out accuracy {accuracy:.3f} after {step} steps, below the target "
+                f"{config.target_accuracy}, and the time limit of {config.max_seconds:.0f} s is spent; nothing is "
+                "cached. Raise the limit (`model.warm_start_max_seconds` in a run, `--max-seconds` on the CLI) "
+                "or lower the target (`model.warm_start_target_accuracy`)"
+            )
         if cursor + config.batch_size > len(pairs):
             order, cursor = torch.randperm(len(pairs), generator=generator), 0
         batch = _training_batch([pairs[i] for i in order[cursor : cursor + config.batch_size]], tokenizer.pad_token_id)

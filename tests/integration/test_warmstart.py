@@ -35,3 +35,20 @@ def test_warm_start_trains_and_is_cached(tmp_path, tiny_model_shape):
         model, task, WarmStartConfig(**{**train.to_dict(), "seed": 1}), cache_dir=tmp_path, log=lambda _: None
     )
     assert other.built and other.path != first.path
+
+
+def test_warm_start_past_its_time_limit_fails_and_caches_nothing(tmp_path, tiny_model_shape):
+    from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
+    from cppo_rl.data.tiny_model import TinyModelConfig
+    from cppo_rl.data.warmstart import WarmStartConfig, WarmStartTimeout, config_hash, ensure_warm_model
+
+    model = TinyModelConfig(**tiny_model_shape)
+    task = ArithmeticTaskConfig(train_size=64, test_size=8)
+    train = WarmStartConfig(batch_size=8, max_steps=20, eval_every=10, eval_prompts=8, eval_samples=1, max_seconds=1e-9)
+    with pytest.raises(WarmStartTimeout, match="warm_start_max_seconds"):
+        ensure_warm_model(model, task, train, cache_dir=tmp_path, log=lambda _: None)
+    assert not any(tmp_path.rglob("*"))  # no entry, no staging folder
+    # The time limit changes no weights, so it is not part of the cache key.
+    assert config_hash(model, task, train) == config_hash(
+        model, task, WarmStartConfig(**{**train.to_dict(), "max_seconds": 900})
+    )
