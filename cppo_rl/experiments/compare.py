@@ -124,19 +124,21 @@ def _mean_std(values: list[float]) -> str:
 
 
 def table(runs: list[dict]) -> list[str]:
-    """Markdown rows: per (method, updates), final and best held-out accuracy (mean ± std over seeds), the
-    final accuracy minus CPPO's in the same seed's run (same prompts and sampling seeds: a paired
-    difference), collapsed runs, and the mean masked-token fraction and divergence over training."""
+    """Markdown rows: per (method, updates), final held-out accuracy, its change from the run's start and
+    best held-out accuracy (mean ± std over seeds), the final accuracy minus CPPO's in the same seed's run
+    (same prompts and sampling seeds: a paired difference), collapsed runs, and the mean masked-token
+    fraction and divergence over training."""
     rows = [
-        "| method | updates / rollout | seeds | final accuracy | best accuracy | final − cppo (paired) | collapsed "
-        "| masked tokens | mean divergence |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | updates / rollout | seeds | final accuracy | final − start | best accuracy | final − cppo (paired) "
+        "| collapsed | masked tokens | mean divergence |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups = _by_method_and_degree(runs)
     final = {(r["cell"].method, r["cell"].updates, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in runs}
     order = {method: index for index, method in enumerate(METHODS)}
     for (method, updates), members in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 99))):
         finals = [r["summary"]["eval_accuracy_end"] for r in members]
+        gains = [r["summary"]["eval_accuracy_end"] - r["summary"]["eval_accuracy_start"] for r in members]
         bests = [r["summary"]["eval_accuracy_best"] for r in members]
         paired = [
             final[(method, updates, r["cell"].seed)] - final[("cppo", updates, r["cell"].seed)]
@@ -151,8 +153,9 @@ def table(runs: list[dict]) -> list[str]:
             for metric in ("actor/masked_frac", "actor/divergence_mean")
         )
         rows.append(
-            f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(bests)} | "
-            f"{_mean_std(paired) if method != 'cppo' else '-'} | {collapsed}/{len(members)} | {masked:.4f} | "
+            f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(gains)} | "
+            f"{_mean_std(bests)} | {_mean_std(paired) if method != 'cppo' else '-'} | {collapsed}/{len(members)} | "
+            f"{masked:.4f} | "
             f"{'-' if math.isnan(divergence) else f'{divergence:.4f}'} |"
         )
     return rows

@@ -58,9 +58,11 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     assert finished(tmp_path / "cppo-u8-s0", 4) and not finished(tmp_path / "grpo-u8-s1", 4)
     runs = [r for r in load_runs(tmp_path) if r["summary"]["steps"] >= 4]
     rows = table(runs)
-    assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.585 ± 0.049 | - | 0/2 | 0.0200 | 0.0100 |"
-    # grpo seed 0 against cppo seed 0: 0.20 - 0.60
-    assert rows[3] == "| grpo | 8 | 1 | 0.200 ± 0.000 | 0.450 ± 0.000 | -0.400 ± 0.000 | 1/1 | 0.0000 | 0.0000 |"
+    assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.150 ± 0.071 | 0.585 ± 0.049 | - | 0/2 | 0.0200 | 0.0100 |"
+    # grpo seed 0: 0.20 - 0.40 from its start, 0.20 - 0.60 against cppo seed 0
+    assert rows[3] == (
+        "| grpo | 8 | 1 | 0.200 ± 0.000 | -0.200 ± 0.000 | 0.450 ± 0.000 | -0.400 ± 0.000 | 1/1 | 0.0000 | 0.0000 |"
+    )
     images = plot(runs, tmp_path / "img")
     assert all(image.is_file() and image.stat().st_size > 1000 for image in images) and len(images) == 3
 
