@@ -3,9 +3,11 @@
 RL from a random model gets no reward, so the default run first fine-tunes the tiny Qwen3 on worked
 solutions (chat template applied, loss on the completion and its `<|im_end|>` only, AdamW) until its
 held-out accuracy (Avg@k, sampled, checked every `eval_every` steps) reaches a target or `max_steps`
-run out. The stop rule counts steps, never seconds, so one config hash is one set of weights on any
-machine; `max_seconds` only bounds the wait: past it the build fails (`WarmStartTimeout`, nothing
-cached) rather than caching a less-trained model under the same hash. The result is
+run out. The stop rule counts steps, never seconds, so a fast and a slow machine of one kind build
+the same weights for one config hash; `max_seconds` only bounds the wait: past it the build fails
+(`WarmStartTimeout`, nothing cached) rather than caching a less-trained model under the same hash.
+Across CPU kinds the float kernels differ, the sampled evaluation can cross the target at another
+check, and the weights differ (a hash names a config, not bit-identical weights). The result is
 a hub-style model directory (`cppo_rl.data.tiny_model`) plus `warmstart.json` (the config, steps,
 seconds, accuracy and the loss/accuracy history), stored under `<cache>/models/<hash>` where `<cache>`
 is the `cache_dir` argument, else `$CPPO_CACHE_DIR`, else `<repo>/.cache`. The directory is built

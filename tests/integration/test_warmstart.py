@@ -8,6 +8,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_warm_start_trains_and_is_cached(tmp_path, tiny_model_shape):
+    import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
@@ -35,6 +37,13 @@ def test_warm_start_trains_and_is_cached(tmp_path, tiny_model_shape):
         model, task, WarmStartConfig(**{**train.to_dict(), "seed": 1}), cache_dir=tmp_path, log=lambda _: None
     )
     assert other.built and other.path != first.path
+
+    # A second build of the same config on this machine (another cache) gives bit-identical weights.
+    rebuilt = ensure_warm_model(model, task, train, cache_dir=tmp_path / "again", log=lambda _: None)
+    assert rebuilt.built and rebuilt.path.name == first.path.name
+    first_weights, rebuilt_weights = (load_file(path / "model.safetensors") for path in (first.path, rebuilt.path))
+    assert first_weights.keys() == rebuilt_weights.keys()
+    assert all(torch.equal(first_weights[name], rebuilt_weights[name]) for name in first_weights)
 
 
 def test_warm_start_past_its_time_limit_fails_and_caches_nothing(tmp_path, tiny_model_shape):
