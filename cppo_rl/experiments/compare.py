@@ -126,12 +126,12 @@ def _mean_std(values: list[float]) -> str:
 def table(runs: list[dict]) -> list[str]:
     """Markdown rows: per (method, updates), final held-out accuracy, its change from the run's start and
     best held-out accuracy (mean ± std over seeds), the final accuracy minus CPPO's in the same seed's run
-    (same prompts and sampling seeds: a paired difference), collapsed runs, and the mean masked-token
-    fraction and divergence over training."""
+    (same prompts, sampling seeds and warm start: a paired difference) and in how many seeds it is below
+    CPPO's, collapsed runs, and the mean masked-token fraction and divergence over training."""
     rows = [
         "| method | updates / rollout | seeds | final accuracy | final − start | best accuracy | final − cppo (paired) "
-        "| collapsed | masked tokens | mean divergence |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| below cppo | collapsed | masked tokens | mean divergence |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups = _by_method_and_degree(runs)
     final = {(r["cell"].method, r["cell"].updates, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in runs}
@@ -154,7 +154,8 @@ def table(runs: list[dict]) -> list[str]:
         )
         rows.append(
             f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(gains)} | "
-            f"{_mean_std(bests)} | {_mean_std(paired) if method != 'cppo' else '-'} | {collapsed}/{len(members)} | "
+            f"{_mean_std(bests)} | {_mean_std(paired) if method != 'cppo' else '-'} | "
+            f"{f'{sum(d < 0 for d in paired)}/{len(paired)}' if method != 'cppo' else '-'} | {collapsed}/{len(members)} | "
             f"{masked:.4f} | "
             f"{'-' if math.isnan(divergence) else f'{divergence:.4f}'} |"
         )

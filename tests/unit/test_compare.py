@@ -55,13 +55,21 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     _write_run(tmp_path, Cell("cppo", 8, 1), 0.40, 0.50, 0.55, 0.030)
     _write_run(tmp_path, Cell("grpo", 8, 0), 0.40, 0.20, 0.45, 0.0)  # collapsed: 20 points below its start
     _write_run(tmp_path, Cell("grpo", 8, 1), 0.40, 0.30, 0.41, 0.0, steps=2)  # unfinished for a 4-step budget
+    _write_run(tmp_path, Cell("dppo", 8, 0), 0.40, 0.65, 0.65, 0.005)  # above cppo's seed 0, below its seed 1
+    _write_run(tmp_path, Cell("dppo", 8, 1), 0.40, 0.45, 0.50, 0.005)
     assert finished(tmp_path / "cppo-u8-s0", 4) and not finished(tmp_path / "grpo-u8-s1", 4)
     runs = [r for r in load_runs(tmp_path) if r["summary"]["steps"] >= 4]
     rows = table(runs)
-    assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.150 ± 0.071 | 0.585 ± 0.049 | - | 0/2 | 0.0200 | 0.0100 |"
-    # grpo seed 0: 0.20 - 0.40 from its start, 0.20 - 0.60 against cppo seed 0
+    assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.150 ± 0.071 | 0.585 ± 0.049 | - | - | 0/2 | 0.0200 | 0.0100 |"
+    # dppo: +0.05 and -0.05 against cppo's same seed, below it in one seed of two
     assert rows[3] == (
-        "| grpo | 8 | 1 | 0.200 ± 0.000 | -0.200 ± 0.000 | 0.450 ± 0.000 | -0.400 ± 0.000 | 1/1 | 0.0000 | 0.0000 |"
+        "| dppo | 8 | 2 | 0.550 ± 0.141 | 0.150 ± 0.141 | 0.575 ± 0.106 | 0.000 ± 0.071 | 1/2 | 0/2 | 0.0050 "
+        "| 0.0025 |"
+    )
+    # grpo seed 0: 0.20 - 0.40 from its start, 0.20 - 0.60 against cppo seed 0
+    assert rows[4] == (
+        "| grpo | 8 | 1 | 0.200 ± 0.000 | -0.200 ± 0.000 | 0.450 ± 0.000 | -0.400 ± 0.000 | 1/1 | 1/1 | 0.0000 "
+        "| 0.0000 |"
     )
     images = plot(runs, tmp_path / "img")
     assert all(image.is_file() and image.stat().st_size > 1000 for image in images) and len(images) == 3
