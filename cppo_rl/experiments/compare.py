@@ -152,11 +152,12 @@ def table(runs: list[dict]) -> list[str]:
             statistics.mean(_history_mean([r], metric) for r in members)
             for metric in ("actor/masked_frac", "actor/divergence_mean")
         )
+        paired_mean, below = (
+            ("-", "-") if method == "cppo" else (_mean_std(paired), f"{sum(d < 0 for d in paired)}/{len(paired)}")
+        )
         rows.append(
             f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(gains)} | "
-            f"{_mean_std(bests)} | {_mean_std(paired) if method != 'cppo' else '-'} | "
-            f"{f'{sum(d < 0 for d in paired)}/{len(paired)}' if method != 'cppo' else '-'} | {collapsed}/{len(members)} | "
-            f"{masked:.4f} | "
+            f"{_mean_std(bests)} | {paired_mean} | {below} | {collapsed}/{len(members)} | {masked:.4f} | "
             f"{'-' if math.isnan(divergence) else f'{divergence:.4f}'} |"
         )
     return rows

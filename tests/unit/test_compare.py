@@ -63,8 +63,7 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.150 ± 0.071 | 0.585 ± 0.049 | - | - | 0/2 | 0.0200 | 0.0100 |"
     # dppo: +0.05 and -0.05 against cppo's same seed, below it in one seed of two
     assert rows[3] == (
-        "| dppo | 8 | 2 | 0.550 ± 0.141 | 0.150 ± 0.141 | 0.575 ± 0.106 | 0.000 ± 0.071 | 1/2 | 0/2 | 0.0050 "
-        "| 0.0025 |"
+        "| dppo | 8 | 2 | 0.550 ± 0.141 | 0.150 ± 0.141 | 0.575 ± 0.106 | 0.000 ± 0.071 | 1/2 | 0/2 | 0.0050 | 0.0025 |"
     )
     # grpo seed 0: 0.20 - 0.40 from its start, 0.20 - 0.60 against cppo seed 0
     assert rows[4] == (
