@@ -163,6 +163,27 @@ def table(runs: list[dict]) -> list[str]:
     return rows
 
 
+def seed_table(runs: list[dict], updates: int) -> list[str]:
+    """Markdown rows: each method's final held-out accuracy per seed at one off-policy degree, under a row
+    of each seed's starting accuracy (seeds may start from different warm starts)."""
+    members = [r for r in runs if r["cell"].updates == updates]
+    seeds = sorted({r["cell"].seed for r in members})
+    start = {r["cell"].seed: r["summary"]["eval_accuracy_start"] for r in members}
+    final = {(r["cell"].method, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in members}
+    methods = [m for m in METHODS if any(r["cell"].method == m for r in members)]
+    return [
+        f"| {updates} updates / rollout | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+        f"| start (all methods) | {_accuracy_cells(start[seed] for seed in seeds)} |",
+        *(f"| {method} | {_accuracy_cells(final.get((method, seed)) for seed in seeds)} |" for method in methods),
+    ]
+
+
+def _accuracy_cells(values) -> str:
+    """Table cells of accuracies, '-' where a run is missing."""
+    return " | ".join("-" if value is None else f"{value:.3f}" for value in values)
+
+
 def _by_method_and_degree(runs: list[dict]) -> dict[tuple[str, int], list[dict]]:
     """The runs of each (method, updates per rollout): its seeds."""
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -294,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *rows,
             "",
+            "Final held-out accuracy per seed:",
+            "",
+            *(
+                line
+                for updates in sorted({r["cell"].updates for r in runs})
+                for line in [*seed_table(runs, updates), ""]
+            ),
             *[f"![{image.stem}](img/{image.name})" for image in images],
         ]
         write_report(args.report, study, generated)

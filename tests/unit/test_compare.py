@@ -16,9 +16,11 @@ from cppo_rl.experiments.compare import (
     archive,
     finished,
     load_runs,
+    main,
     plot,
     report_markers,
     run_overrides,
+    seed_table,
     table,
     write_report,
 )
@@ -72,6 +74,14 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     )
     images = plot(runs, tmp_path / "img")
     assert all(image.is_file() and image.stat().st_size > 1000 for image in images) and len(images) == 3
+    assert seed_table(runs, 8) == [
+        "| 8 updates / rollout | seed 0 | seed 1 |",
+        "|---|---|---|",
+        "| start (all methods) | 0.400 | 0.400 |",
+        "| cppo | 0.600 | 0.500 |",
+        "| dppo | 0.650 | 0.450 |",
+        "| grpo | 0.200 | - |",  # its seed 1 is unfinished
+    ]
 
 
 @pytest.mark.parametrize("updates", [2, 8])
@@ -118,3 +128,14 @@ def test_the_report_keeps_its_hand_written_text_around_the_generated_part(tmp_pa
     report.write_text(text + "\n".join(report_markers("compare_scaled")) + "\n")
     write_report(report, "compare_scaled", ["| scaled |"])
     assert "| table v2 |" in report.read_text() and "| scaled |" in report.read_text()
+
+
+def test_report_only_writes_the_tables_and_plots_from_finished_runs(tmp_path):
+    out, report = tmp_path / "compare", tmp_path / "docs" / "results.md"
+    _write_run(out, Cell("cppo", 8, 0), 0.40, 0.60, 0.62, 0.010)
+    _write_run(out, Cell("dppo", 8, 0), 0.40, 0.50, 0.55, 0.005)
+    assert main(["--report-only", "--steps", "4", "--out", str(out), "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "| dppo | 8 | 1 | 0.500 ± 0.000 | 0.100 ± 0.000 | 0.550 ± 0.000 | -0.100 ± 0.000 | 1/1 |" in text
+    assert "| start (all methods) | 0.400 |\n| cppo | 0.600 |\n| dppo | 0.500 |" in text
+    assert all((report.parent / "img" / f"compare_{name}.png").is_file() for name in ("accuracy", "masked_by_cause"))
