@@ -116,6 +116,40 @@ def write_report(path: Path, study: str, generated: list[str]) -> None:
     path.write_text("\n".join([head + begin, *generated, end + tail]))
 
 
+def paired_p_value(differences: list[float]) -> float:
+    """Two-sided p-value of a one-sample t-test that the mean of `differences` is 0 (nan with fewer than
+    two values or no spread): P(|T| >= |t|) for Student's t with n - 1 degrees of freedom, which is the
+    regularized incomplete beta function I_x(df / 2, 1 / 2) at x = df / (df + t^2)."""
+    if len(differences) < 2 or statistics.stdev(differences) == 0:
+        return float("nan")
+    df = len(differences) - 1
+    t = statistics.mean(differences) / (statistics.stdev(differences) / math.sqrt(len(differences)))
+    return _regularized_incomplete_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def _regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) for 0 <= x <= 1, by its continued fraction (modified Lentz), on the side where it converges."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _regularized_incomplete_beta(1 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny, c, d = 1e-300, 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d, c = 1 + numerator * d, 1 + numerator / c
+            d, c = 1 / (d if abs(d) > tiny else tiny), c if abs(c) > tiny else tiny
+            fraction *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -125,13 +159,14 @@ def _mean_std(values: list[float]) -> str:
 
 def table(runs: list[dict]) -> list[str]:
     """Markdown rows: per (method, updates), final held-out accuracy, its change from the run's start and
-    best held-out accuracy (mean ± std over seeds), the final accuracy minus CPPO's in the same seed's run
-    (same prompts, sampling seeds and warm start: a paired difference) and in how many seeds it is below
-    CPPO's, collapsed runs, and the mean masked-token fraction and divergence over training."""
+    best held-out accuracy (mean ± std over seeds); the final accuracy minus CPPO's in the same seed's run
+    (same prompts, sampling seeds and warm start: a paired difference), in how many seeds it is below
+    CPPO's and the two-sided p-value of a paired t-test of that difference; collapsed runs, and the mean
+    masked-token fraction and divergence over training."""
     rows = [
         "| method | updates / rollout | seeds | final accuracy | final − start | best accuracy | final − cppo (paired) "
-        "| below cppo | collapsed | masked tokens | mean divergence |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| below cppo | p (paired t) | collapsed | masked tokens | mean divergence |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups = _by_method_and_degree(runs)
     final = {(r["cell"].method, r["cell"].updates, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in runs}
@@ -152,12 +187,19 @@ def table(runs: list[dict]) -> list[str]:
             statistics.mean(_history_mean([r], metric) for r in members)
             for metric in ("actor/masked_frac", "actor/divergence_mean")
         )
-        paired_mean, below = (
-            ("-", "-") if method == "cppo" else (_mean_std(paired), f"{sum(d < 0 for d in paired)}/{len(paired)}")
+        p_value = paired_p_value(paired)
+        paired_mean, below, p_text = (
+            ("-", "-", "-")
+            if method == "cppo"
+            else (
+                _mean_std(paired),
+                f"{sum(d < 0 for d in paired)}/{len(paired)}",
+                "-" if math.isnan(p_value) else f"{p_value:.3f}",
+            )
         )
         rows.append(
             f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(gains)} | "
-            f"{_mean_std(bests)} | {paired_mean} | {below} | {collapsed}/{len(members)} | {masked:.4f} | "
+            f"{_mean_std(bests)} | {paired_mean} | {below} | {p_text} | {collapsed}/{len(members)} | {masked:.4f} | "
             f"{'-' if math.isnan(divergence) else f'{divergence:.4f}'} |"
         )
     return rows

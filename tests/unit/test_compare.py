@@ -17,6 +17,7 @@ from cppo_rl.experiments.compare import (
     finished,
     load_runs,
     main,
+    paired_p_value,
     plot,
     report_markers,
     run_overrides,
@@ -62,14 +63,18 @@ def test_finished_runs_are_found_and_tabulated_with_collapse(tmp_path):
     assert finished(tmp_path / "cppo-u8-s0", 4) and not finished(tmp_path / "grpo-u8-s1", 4)
     runs = [r for r in load_runs(tmp_path) if r["summary"]["steps"] >= 4]
     rows = table(runs)
-    assert rows[2] == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.150 ± 0.071 | 0.585 ± 0.049 | - | - | 0/2 | 0.0200 | 0.0100 |"
+    assert (
+        rows[2]
+        == "| cppo | 8 | 2 | 0.550 ± 0.071 | 0.150 ± 0.071 | 0.585 ± 0.049 | - | - | - | 0/2 | 0.0200 | 0.0100 |"
+    )
     # dppo: +0.05 and -0.05 against cppo's same seed, below it in one seed of two
     assert rows[3] == (
-        "| dppo | 8 | 2 | 0.550 ± 0.141 | 0.150 ± 0.141 | 0.575 ± 0.106 | 0.000 ± 0.071 | 1/2 | 0/2 | 0.0050 | 0.0025 |"
+        "| dppo | 8 | 2 | 0.550 ± 0.141 | 0.150 ± 0.141 | 0.575 ± 0.106 | 0.000 ± 0.071 | 1/2 | 1.000 | 0/2 | 0.0050 "
+        "| 0.0025 |"
     )
     # grpo seed 0: 0.20 - 0.40 from its start, 0.20 - 0.60 against cppo seed 0
     assert rows[4] == (
-        "| grpo | 8 | 1 | 0.200 ± 0.000 | -0.200 ± 0.000 | 0.450 ± 0.000 | -0.400 ± 0.000 | 1/1 | 1/1 | 0.0000 "
+        "| grpo | 8 | 1 | 0.200 ± 0.000 | -0.200 ± 0.000 | 0.450 ± 0.000 | -0.400 ± 0.000 | 1/1 | - | 1/1 | 0.0000 "
         "| 0.0000 |"
     )
     images = plot(runs, tmp_path / "img")
@@ -136,6 +141,22 @@ def test_report_only_writes_the_tables_and_plots_from_finished_runs(tmp_path):
     _write_run(out, Cell("dppo", 8, 0), 0.40, 0.50, 0.55, 0.005)
     assert main(["--report-only", "--steps", "4", "--out", str(out), "--report", str(report)]) == 0
     text = report.read_text()
-    assert "| dppo | 8 | 1 | 0.500 ± 0.000 | 0.100 ± 0.000 | 0.550 ± 0.000 | -0.100 ± 0.000 | 1/1 |" in text
+    assert "| dppo | 8 | 1 | 0.500 ± 0.000 | 0.100 ± 0.000 | 0.550 ± 0.000 | -0.100 ± 0.000 | 1/1 | - |" in text
     assert "| start (all methods) | 0.400 |\n| cppo | 0.600 |\n| dppo | 0.500 |" in text
     assert all((report.parent / "img" / f"compare_{name}.png").is_file() for name in ("accuracy", "masked_by_cause"))
+
+
+@pytest.mark.parametrize(
+    ("t", "n", "p"), [(2.776, 5, 0.05), (4.604, 5, 0.01), (2.228, 11, 0.05), (12.706, 2, 0.05), (1.0, 31, 0.3253)]
+)
+def test_the_paired_p_value_matches_students_t_tables(t, n, p):
+    """Differences with mean t * s / sqrt(n) and standard deviation s give t; the p-values are the
+    two-sided tail of Student's t with n - 1 degrees of freedom (table values to 3-4 digits)."""
+    spread = [(-1) ** i for i in range(n)]  # zero mean for even n; centred below for odd n
+    centred = [value - sum(spread) / n for value in spread]
+    scale = 1 / (sum(value * value for value in centred) / (n - 1)) ** 0.5  # unit standard deviation
+    differences = [value * scale + t / n**0.5 for value in centred]
+    assert paired_p_value(differences) == pytest.approx(p, abs=2e-4)
+    assert paired_p_value([-d for d in differences]) == pytest.approx(p, abs=2e-4)  # two-sided
+    assert paired_p_value(differences[:1]) != paired_p_value(differences[:1])  # nan: one seed
+    assert paired_p_value([0.1] * n) != paired_p_value([0.1] * n)  # nan: no spread
