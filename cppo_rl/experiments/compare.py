@@ -120,10 +120,11 @@ def paired_p_value(differences: list[float]) -> float:
     """Two-sided p-value of a one-sample t-test that the mean of `differences` is 0 (nan with fewer than
     two values or no spread): P(|T| >= |t|) for Student's t with n - 1 degrees of freedom, which is the
     regularized incomplete beta function I_x(df / 2, 1 / 2) at x = df / (df + t^2)."""
-    if len(differences) < 2 or statistics.stdev(differences) == 0:
+    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+    if spread == 0:
         return float("nan")
     df = len(differences) - 1
-    t = statistics.mean(differences) / (statistics.stdev(differences) / math.sqrt(len(differences)))
+    t = statistics.mean(differences) / (spread / math.sqrt(len(differences)))
     return _regularized_incomplete_beta(df / (df + t * t), df / 2, 0.5)
 
 
@@ -169,16 +170,16 @@ def table(runs: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups = _by_method_and_degree(runs)
-    final = {(r["cell"].method, r["cell"].updates, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in runs}
+    final = _final_accuracy(runs)
     order = {method: index for index, method in enumerate(METHODS)}
     for (method, updates), members in sorted(groups.items(), key=lambda g: (g[0][1], order.get(g[0][0], 99))):
         finals = [r["summary"]["eval_accuracy_end"] for r in members]
         gains = [r["summary"]["eval_accuracy_end"] - r["summary"]["eval_accuracy_start"] for r in members]
         bests = [r["summary"]["eval_accuracy_best"] for r in members]
         paired = [
-            final[(method, updates, r["cell"].seed)] - final[("cppo", updates, r["cell"].seed)]
+            final[r["cell"]] - final[Cell("cppo", updates, r["cell"].seed)]
             for r in members
-            if ("cppo", updates, r["cell"].seed) in final
+            if Cell("cppo", updates, r["cell"].seed) in final
         ]
         collapsed = sum(
             r["summary"]["eval_accuracy_end"] < r["summary"]["eval_accuracy_start"] - COLLAPSE_POINTS for r in members
@@ -187,19 +188,14 @@ def table(runs: list[dict]) -> list[str]:
             statistics.mean(_history_mean([r], metric) for r in members)
             for metric in ("actor/masked_frac", "actor/divergence_mean")
         )
-        p_value = paired_p_value(paired)
-        paired_mean, below, p_text = (
-            ("-", "-", "-")
-            if method == "cppo"
-            else (
-                _mean_std(paired),
-                f"{sum(d < 0 for d in paired)}/{len(paired)}",
-                "-" if math.isnan(p_value) else f"{p_value:.3f}",
-            )
-        )
+        against_cppo = "- | - | -"  # the paired difference, seeds below cppo, p-value
+        if method != "cppo":
+            p_value = paired_p_value(paired)
+            p_text = "-" if math.isnan(p_value) else f"{p_value:.3f}"
+            against_cppo = f"{_mean_std(paired)} | {sum(d < 0 for d in paired)}/{len(paired)} | {p_text}"
         rows.append(
             f"| {method} | {updates} | {len(members)} | {_mean_std(finals)} | {_mean_std(gains)} | "
-            f"{_mean_std(bests)} | {paired_mean} | {below} | {p_text} | {collapsed}/{len(members)} | {masked:.4f} | "
+            f"{_mean_std(bests)} | {against_cppo} | {collapsed}/{len(members)} | {masked:.4f} | "
             f"{'-' if math.isnan(divergence) else f'{divergence:.4f}'} |"
         )
     return rows
@@ -211,14 +207,26 @@ def seed_table(runs: list[dict], updates: int) -> list[str]:
     members = [r for r in runs if r["cell"].updates == updates]
     seeds = sorted({r["cell"].seed for r in members})
     start = {r["cell"].seed: r["summary"]["eval_accuracy_start"] for r in members}
-    final = {(r["cell"].method, r["cell"].seed): r["summary"]["eval_accuracy_end"] for r in members}
-    methods = [m for m in METHODS if any(r["cell"].method == m for r in members)]
+    final = _final_accuracy(members)
     return [
         f"| {updates} updates / rollout | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
         "|---|" + "---|" * len(seeds),
         f"| start (all methods) | {_accuracy_cells(start[seed] for seed in seeds)} |",
-        *(f"| {method} | {_accuracy_cells(final.get((method, seed)) for seed in seeds)} |" for method in methods),
+        *(
+            f"| {method} | {_accuracy_cells(final.get(Cell(method, updates, seed)) for seed in seeds)} |"
+            for method in _methods_present(members)
+        ),
     ]
+
+
+def _final_accuracy(runs: list[dict]) -> dict[Cell, float]:
+    """Each run's final held-out accuracy, by its cell."""
+    return {r["cell"]: r["summary"]["eval_accuracy_end"] for r in runs}
+
+
+def _methods_present(runs: list[dict]) -> list[str]:
+    """The methods that have runs, in the study's order."""
+    return [m for m in METHODS if any(r["cell"].method == m for r in runs)]
 
 
 def _accuracy_cells(values) -> str:
@@ -264,7 +272,7 @@ def plot(runs: list[dict], img_dir: Path, study: str = "compare") -> list[Path]:
 
     img_dir.mkdir(parents=True, exist_ok=True)
     degrees = sorted({r["cell"].updates for r in runs})
-    methods = [m for m in METHODS if any(r["cell"].method == m for r in runs)]
+    methods = _methods_present(runs)
     color = {method: f"C{index}" for index, method in enumerate(METHODS)}  # one colour per method everywhere
     groups = _by_method_and_degree(runs)
 
