@@ -1,68 +1,91 @@
 """The typed configuration of a training run; `conf/` (Hydra) maps onto it one-to-one.
 
-Every key is a dataclass field (unknown keys and wrong types are refused by Hydra's structured
-config), and `validate(config)` runs the cross-field checks before any actor starts, each error
-naming the keys and the fix. Batch sizes are named so prompts are not confused with samples:
-`prompts_per_step` x `samples_per_prompt` responses per step, `minibatch_prompts` per update.
+The sections below hold the only defaults: a YAML preset sets only what it changes, and each role
+takes its section (the learner and the engines get theirs through `learner_config` / `engine_config`,
+the algorithm core its `PolicyLossConfig` through `policy_loss_config`, whose defaults the `algorithm`
+section repeats by reference). Values derived from several sections come from those builders only.
+`validate(config)` builds every role config and runs the checks no role owns, before any actor
+starts; each error names the user's key (`algorithm.delta`, not an inner class) and the fix.
+Batch sizes are named so prompts are not confused with samples: `prompts_per_step` x
+`samples_per_prompt` responses per step, `minibatch_prompts` per update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
+from cppo_rl.algorithms.policy_losses import PolicyLossConfig as _Loss
 from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
+from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE
 
 
 @dataclass
 class AlgorithmConfig:
-    """The policy loss and its knobs (see cppo_rl.algorithms.PolicyLossConfig)."""
+    """The policy loss by name and its knobs, named as the algorithm core's `PolicyLossConfig` fields
+    (see there for each). `divergence`, `trm_max_delta` and `trm_avg_delta` left null take the method's
+    published default (cppo_rl.algorithms.METHOD_DEFAULTS: top-K TV, top-K KL for the TRM methods)."""
 
     name: str = "cppo"
-    divergence: str = "topk_tv"
-    delta: float = 0.15
-    delta_b: float = 0.02
-    w_min: float = 0.8
-    position_horizon: str = "max_response_length"  # or "sequence" or "padded"
-    adaptive_delta_b: bool = False
-    delta_b_quantile: float = 0.9
-    delta_b_scale: float = 1.0
-    is_cap: float = 20.0
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    cispo_eps_low: float = 10.0
-    cispo_eps_high: float = 0.2
-    minpro_eps_low: float = 0.2
-    minpro_eps_high: float = 0.28
-    trm_max_delta: float = 0.05
-    trm_avg_delta: float = 0.001
-    loss_agg_mode: str = "seq-mean-token-sum-norm"
-    advantage: str = "grpo"
+    divergence: str | None = None
+    delta: float = _Loss.delta
+    delta_b: float = _Loss.delta_b
+    w_min: float = _Loss.w_min
+    position_horizon: str = "max_response_length"  # or "sequence" (each response's length) or "padded"
+    adaptive_delta_b: bool = _Loss.adaptive_delta_b
+    delta_b_quantile: float = _Loss.delta_b_quantile
+    delta_b_scale: float = _Loss.delta_b_scale
+    delta_b_ceiling: float = _Loss.delta_b_ceiling  # adaptive delta_b <= ceiling x delta_b (2: paper, 5: PR)
+    is_cap: float = _Loss.is_cap
+    clip_low: float = _Loss.clip_low
+    clip_high: float = _Loss.clip_high
+    cispo_eps_low: float = _Loss.cispo_eps_low
+    cispo_eps_high: float = _Loss.cispo_eps_high
+    minpro_eps_low: float = _Loss.minpro_eps_low
+    minpro_eps_high: float = _Loss.minpro_eps_high
+    trm_max_delta: float | None = None
+    trm_avg_delta: float | None = None
+    loss_agg_mode: str = _Loss.loss_agg_mode
+    advantage: str = "grpo"  # cppo_rl.algorithms.ADVANTAGES
     adv_std_norm: bool = False
-    anchor: str = "rollout"
+    anchor: str = "rollout"  # or "recompute" (spec 8.1)
 
 
 @dataclass
 class ModelConfig:
-    """`path`: a HF directory or hub name; "tiny" builds the project's tiny Qwen3 (and warms it up)."""
+    """`path`: a HF directory or hub name (from the local HF cache when offline); "tiny" builds the
+    project's tiny Qwen3 and, with `warm_start`, warms it up on the generated task (cached)."""
 
     path: str = "tiny"
     warm_start: bool = True
-    warm_start_max_seconds: float = 900.0
+    warm_start_max_seconds: float = 900.0  # a limit: past it the run fails (the warm start stops on its target)
     warm_start_target_accuracy: float = 0.25
 
 
 @dataclass
 class DataConfig:
-    """jsonl files with `prompt` and `answer`; "generated" writes the arithmetic task into the run."""
+    """Prompt datasets (cppo_rl.data.dataset, docs/training.md "Data formats and keys"): each entry of
+    `train_files` / `eval_files` is a .jsonl, .json, .parquet or .arrow file, a `save_to_disk` directory or a
+    Hugging Face dataset name (`name[:config]:split`, from the local cache when offline); "generated" writes
+    the arithmetic task into the run."""
 
     train_files: list[str] = field(default_factory=lambda: ["generated"])
     eval_files: list[str] = field(default_factory=lambda: ["generated"])
     eval_prompts: int = 64
     shuffle: bool = True
     seed: int = 0
-    prompt_template: str = "{prompt}"  # the user turn; "{prompt}" is the row's problem text
+    # the user turn of a string prompt; "{prompt}" is the row's problem text (chat-message prompts are used as given)
+    prompt_template: str = "{prompt}"
+    # the column holding the prompt: a string, or a list of chat messages [{role, content}] (verl)
+    prompt_key: str = "prompt"
+    # the column holding the gold answer; a dotted path reaches into a struct (reward_model.ground_truth). With
+    # the default, a file without `answer` but with verl's `reward_model` column uses reward_model.ground_truth
+    answer_key: str = "answer"
+    # extra variables for the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # the generated task ("generated" in train_files / eval_files) and the tiny model's warm start on it:
     # data.task.max_operations=8 lengthens the worked answers (about 10 tokens per operation)
     task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
@@ -70,10 +93,12 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
+    """The rollout engines (vLLM) and how they sample; the engine's fields reach `EngineConfig`."""
+
     num_engines: int = 1
     tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    max_model_len: int = 256
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or float32 / bfloat16 / float16
+    max_model_len: int = 256  # prompt + response tokens
     max_response_length: int = 32
     temperature: float = 1.0
     top_k_logprobs: int = 20
@@ -88,16 +113,20 @@ class RolloutConfig:
 
 @dataclass
 class LearnerSettings:
+    """The DeepSpeed learner ranks; the fields a rank uses reach `LearnerConfig` (its subclass)."""
+
     world_size: int = 1
-    micro_batch_size: int = 16
+    micro_batch_size: int = 16  # responses per forward/backward on one rank
     lr: float = 5e-5
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = off
     warmup_steps: int = 0
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at the last update)
+    optimizer: str = "adamw"  # or "sgd" (plain gradient descent, for checks)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     gradient_checkpointing: bool = False
-    logprob_chunk_size: int = 512
-    sync_transport: str = "collective"
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # positions per chunk of the vocabulary projection
+    sync_transport: str = "collective"  # or "object_store" (cppo_rl.sync.weight_sync)
     sync_bucket_mb: int = 256
     # OpenMP threads per rank on CPU; 0: one per CPU it asks for (cluster.cpus_per_learner, at least 1). The
     # engines idle while the learner trains, so a one-machine run can give the learner every core
@@ -165,6 +194,15 @@ class TrainerConfig:
     max_restarts: int = 0  # times the run starts again from its latest checkpoint after an actor dies or hangs
     max_skipped_steps: int = 3  # stop after this many steps in a row with every update skipped (non-finite); 0 = never
 
+    @property
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps per rollout batch (the off-policy degree): prompts_per_step / minibatch_prompts."""
+        return max(1, self.prompts_per_step // max(1, self.minibatch_prompts))
+
+    @property
+    def responses_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
 
 @dataclass
 class TrainConfig:
@@ -184,43 +222,168 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the keys and the fix."""
 
 
-def validate(config: TrainConfig) -> None:
-    """Cross-field checks; raises ConfigError listing every problem found."""
-    from cppo_rl.algorithms import POLICY_LOSSES
+# ------------------------------------------------------------------------------------------------
+# The role configs, built from the sections in one place each
+# ------------------------------------------------------------------------------------------------
 
-    problems = []
+
+def name_user_keys(message: str, role: str, section: str, renamed: dict[str, str] | None = None) -> str:
+    """A role config's message ("Role: `field` ...") with the user's keys: `section.field`, or
+    `renamed[field]` for a field that comes from another section."""
+    renamed = renamed or {}
+    message = message.removeprefix(f"{role}: ")
+    return re.sub(r"`(\w+)`", lambda m: renamed.get(m.group(1), f"{section}.{m.group(1)}"), message)
+
+
+@contextlib.contextmanager
+def user_keys(role: str, section: str, renamed: dict[str, str] | None = None):
+    """Re-raise a role config's ValueError as a ConfigError naming the user's keys (`name_user_keys`)."""
+    try:
+        yield
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(name_user_keys(str(error), role, section, renamed)) from None
+
+
+def policy_loss_config(config: TrainConfig) -> _Loss:
+    """The algorithm core's config for this run: the method's published defaults (METHOD_DEFAULTS), then
+    every `algorithm` key set (null = the method's default), the position horizon resolved."""
+    from dataclasses import asdict, fields
+
+    from cppo_rl.algorithms import POLICY_LOSSES, default_config
+
+    a = config.algorithm
+    if a.name not in POLICY_LOSSES:
+        raise ConfigError(
+            f"algorithm.name={a.name!r} is not a known policy loss; choose one of {POLICY_LOSSES.names()}"
+        )
+    loss_fields = {f.name for f in fields(_Loss)}
+    knobs = {key: value for key, value in asdict(a).items() if key in loss_fields and value is not None}
+    horizon = {"max_response_length": config.rollout.max_response_length, "sequence": "sequence", "padded": None}
+    if a.position_horizon not in horizon:
+        raise ConfigError(
+            f"algorithm.position_horizon={a.position_horizon!r}: use max_response_length, sequence or padded"
+        )
+    with user_keys("PolicyLossConfig", "algorithm", {"horizon": "algorithm.position_horizon"}):
+        return default_config(a.name, **knobs, horizon=horizon[a.position_horizon])
+
+
+def learner_config(config: TrainConfig, model_path: str):
+    """The `learner` section with what a rank derives from the others (sizes in responses); refuses batch
+    sizes that do not split into whole micro-batches on every rank."""
+    from dataclasses import asdict
+
+    from cppo_rl.learner.worker import LearnerConfig
+
+    t = config.trainer
+    renamed = {
+        "temperature": "rollout.temperature",
+        "anchor": "algorithm.anchor",
+        "seed": "trainer.seed",
+        "model_path": "model.path",
+        "total_steps": "trainer.total_steps",
+    }
+    with user_keys("LearnerConfig", "learner", renamed):
+        learner = LearnerConfig(
+            **asdict(config.learner),
+            model_path=model_path,
+            responses_per_step=t.responses_per_step,
+            updates_per_rollout=t.updates_per_rollout,
+            total_steps=t.total_steps * t.updates_per_rollout,
+            temperature=config.rollout.temperature,
+            anchor=config.algorithm.anchor,
+            seed=t.seed,
+        )
+        learner.micro_steps(config.learner.world_size)  # the batch splits into whole micro-batches on every rank
+    return learner
+
+
+def engine_config(config: TrainConfig, model_path: str):
+    """The vLLM engine settings of the `rollout` section."""
+    from cppo_rl.rollout.engine import EngineConfig
+
+    r = config.rollout
+    with user_keys("EngineConfig", "rollout", {"seed": "trainer.seed", "model_path": "model.path"}):
+        return EngineConfig(
+            model_path,
+            dtype=r.dtype,
+            max_model_len=r.max_model_len,
+            tensor_parallel_size=r.tensor_parallel_size,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+            max_logprobs=r.top_k_logprobs,
+            seed=config.trainer.seed,
+        )
+
+
+def sampling_config(config: TrainConfig, *, training: bool, seed: int):
+    """Training rollouts (`samples_per_prompt` at `rollout.temperature`, top-K logprobs) or evaluation
+    (`eval_samples` at `eval_temperature` / `eval_top_p`, no logprobs), seeded from `seed`."""
+    from cppo_rl.rollout.sampling import SamplingConfig
+
+    r, t = config.rollout, config.trainer
+    if training:
+        keys = {"n": "trainer.samples_per_prompt", "logprobs_k": "rollout.top_k_logprobs"}
+        settings = {"n": t.samples_per_prompt, "temperature": r.temperature, "logprobs_k": r.top_k_logprobs}
+    else:
+        keys = {"n": "rollout.eval_samples", "temperature": "rollout.eval_temperature", "top_p": "rollout.eval_top_p"}
+        settings = {"n": r.eval_samples, "temperature": r.eval_temperature, "top_p": r.eval_top_p, "logprobs_k": 0}
+    with user_keys("SamplingConfig", "rollout", {"max_tokens": "rollout.max_response_length", **keys}):
+        return SamplingConfig(**settings, max_tokens=r.max_response_length, seed=seed, training=training)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks
+# ------------------------------------------------------------------------------------------------
+
+CHOICES = {
+    "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "logging.mode": ("auto", "online", "offline", "disabled"),
+    "learner.sync_transport": ("collective", "object_store"),
+}
+
+
+def validate(config: TrainConfig) -> None:
+    """Every check of the config alone (no file but the grader's module is read); raises ConfigError
+    listing every problem found."""
+    from cppo_rl.algorithms import ADVANTAGES
+
+    problems = _range_problems(config)
     t, a, r, lrn, c = config.trainer, config.algorithm, config.rollout, config.learner, config.cluster
-    for key, value in (
-        ("trainer.total_steps", t.total_steps),
-        ("trainer.prompts_per_step", t.prompts_per_step),
-        ("trainer.samples_per_prompt", t.samples_per_prompt),
-        ("trainer.minibatch_prompts", t.minibatch_prompts),
-        ("rollout.num_engines", r.num_engines),
-        ("rollout.max_response_length", r.max_response_length),
-        ("learner.world_size", lrn.world_size),
-        ("learner.micro_batch_size", lrn.micro_batch_size),
+    for builder in (
+        lambda: policy_loss_config(config),
+        lambda: learner_config(config, config.model.path),
+        lambda: engine_config(config, config.model.path),
+        lambda: sampling_config(config, training=True, seed=t.seed),
+        lambda: sampling_config(config, training=False, seed=t.seed),
     ):
-        if value < 1:
-            problems.append(f"{key}={value} must be >= 1")
-    for key, value in (
-        ("trainer.eval_every", t.eval_every),
-        ("trainer.checkpoint_every", t.checkpoint_every),
-        ("trainer.keep_checkpoints", t.keep_checkpoints),
-        ("trainer.max_skipped_steps", t.max_skipped_steps),
-        ("trainer.max_restarts", t.max_restarts),
-        ("rollout.max_engine_restarts", r.max_engine_restarts),
-        ("learner.threads_per_rank", lrn.threads_per_rank),
-    ):
-        if value < 0:
-            problems.append(f"{key}={value} must be >= 0 (0 turns it off)")
-    for key, seconds in (
-        ("rollout.generate_timeout_s", r.generate_timeout_s),
-        ("learner.call_timeout_s", lrn.call_timeout_s),
-    ):
-        if seconds <= 0:
-            problems.append(f"{key}={seconds} must be > 0 (seconds)")
-    if t.resume not in ("never", "auto") and not Path(t.resume).exists():
-        problems.append(f"trainer.resume={t.resume!r} is neither never, auto nor an existing checkpoint/run directory")
+        try:
+            builder()
+        except ConfigError as error:
+            problems.append(str(error))
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            problems.append(f"{key}={value!r}: use one of {', '.join(allowed)}")
+    if a.advantage not in ADVANTAGES:
+        problems.append(f"algorithm.advantage={a.advantage!r}: use one of {', '.join(sorted(ADVANTAGES))}")
+    if t.samples_per_prompt < 2:
+        problems.append(
+            f"trainer.samples_per_prompt={t.samples_per_prompt}: group-relative advantages need at least 2 samples "
+            "per prompt (with 1, every advantage is 0 and nothing is learned)"
+        )
+    if t.minibatch_prompts > 0 and t.prompts_per_step % t.minibatch_prompts:
+        problems.append(
+            f"trainer.prompts_per_step={t.prompts_per_step} is not a multiple of trainer.minibatch_prompts="
+            f"{t.minibatch_prompts}; updates per rollout = prompts_per_step / minibatch_prompts must be whole"
+        )
+    if r.max_response_length >= r.max_model_len:
+        problems.append(
+            f"rollout.max_response_length={r.max_response_length} must be below rollout.max_model_len="
+            f"{r.max_model_len} (the prompt needs room); raise max_model_len"
+        )
     for key, resources in (
         ("cluster.engine_resources", c.engine_resources),
         ("cluster.learner_resources", c.learner_resources),
@@ -231,38 +394,13 @@ def validate(config: TrainConfig) -> None:
                 f"{key}={bad}: custom resources need amounts > 0 (CPUs and GPUs come from cluster.cpus_per_* "
                 "and rollout.tensor_parallel_size)"
             )
-    if lrn.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"learner.zero_stage={lrn.zero_stage} must be 0, 1, 2 or 3 (DeepSpeed ZeRO stages)")
-    if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        problems.append(
-            f"cluster.placement_strategy={c.placement_strategy!r}: use PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
-        )
-    if a.name not in POLICY_LOSSES:
-        problems.append(f"algorithm.name={a.name!r} is not a known policy loss; choose one of {sorted(POLICY_LOSSES)}")
-    if t.minibatch_prompts > 0 and t.prompts_per_step % t.minibatch_prompts:
-        problems.append(
-            f"trainer.prompts_per_step={t.prompts_per_step} is not a multiple of trainer.minibatch_prompts="
-            f"{t.minibatch_prompts}; updates per rollout = prompts_per_step / minibatch_prompts must be whole"
-        )
-    minibatch = t.minibatch_prompts * t.samples_per_prompt
-    if lrn.world_size > 0 and lrn.micro_batch_size > 0 and minibatch % (lrn.world_size * lrn.micro_batch_size):
-        problems.append(
-            f"a mini-batch of {minibatch} responses (trainer.minibatch_prompts x trainer.samples_per_prompt) is not "
-            f"a multiple of learner.world_size x learner.micro_batch_size = {lrn.world_size * lrn.micro_batch_size}"
-        )
-    if r.max_response_length >= r.max_model_len:
-        problems.append(
-            f"rollout.max_response_length={r.max_response_length} must be below rollout.max_model_len="
-            f"{r.max_model_len} (the prompt needs room); raise max_model_len"
-        )
-    if a.position_horizon not in ("max_response_length", "sequence", "padded"):
-        problems.append(f"algorithm.position_horizon={a.position_horizon!r}: use max_response_length/sequence/padded")
     if c.address is None and not os.environ.get("RAY_ADDRESS") and c.num_gpus == 0:
         wanted = r.num_engines * c.cpus_per_engine + lrn.world_size * c.cpus_per_learner
         if wanted > c.num_cpus:
             problems.append(
                 f"{r.num_engines} engines x cluster.cpus_per_engine={c.cpus_per_engine} + {lrn.world_size} learner "
                 f"ranks x cluster.cpus_per_learner={c.cpus_per_learner} = {wanted} CPUs > cluster.num_cpus={c.num_cpus}"
+                "; raise cluster.num_cpus to the CPUs this machine gives the run, or ask for fewer"
             )
     if "{prompt}" not in config.data.prompt_template:
         problems.append("data.prompt_template must contain {prompt} (where the row's problem text goes)")
@@ -271,17 +409,6 @@ def validate(config: TrainConfig) -> None:
             f"cluster.num_gpus={c.num_gpus} does not split evenly over cluster.num_nodes={c.num_nodes}; "
             "give the total GPU count of identical nodes"
         )
-    grader_problem = _check_import_path(config.reward.grader)
-    if grader_problem:
-        problems.append(f"reward.grader={config.reward.grader!r}: {grader_problem}")
-    if not config.model.path:
-        problems.append("model.path is empty; set model.path=<an HF model directory or hub name>")
-    elif Path(config.model.path).is_dir():
-        model_problem = _check_causal_lm_dir(Path(config.model.path))
-        if model_problem:
-            problems.append(f"model.path={config.model.path!r}: {model_problem}")
-    elif config.model.path != "tiny" and "/" not in config.model.path:
-        problems.append(f"model.path={config.model.path!r} is neither 'tiny', a directory, nor a hub name")
     if c.num_gpus:
         wanted_gpus = r.num_engines * r.tensor_parallel_size + lrn.world_size
         if wanted_gpus > c.num_gpus:
@@ -290,24 +417,57 @@ def validate(config: TrainConfig) -> None:
                 f"learner ranks = {wanted_gpus} GPUs > cluster.num_gpus={c.num_gpus}; lower rollout.num_engines or "
                 "learner.world_size, or give the cluster's real GPU count"
             )
+    grader_problem = _check_import_path(config.reward.grader)
+    if grader_problem:
+        problems.append(f"reward.grader={config.reward.grader!r}: {grader_problem}")
+    if not config.model.path:
+        problems.append("model.path is empty; set model.path=<an HF model directory or hub name>")
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
 
 
-def _check_causal_lm_dir(path: Path) -> str | None:
-    """Why a local model directory cannot be trained here, or None (reads config.json only)."""
-    import json
-
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return "has no config.json: not a HF model directory (save one with save_pretrained)"
-    try:
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        return f"config.json is not a JSON object ({error})"
-    if not any(name.endswith("ForCausalLM") for name in architectures):
-        return f"config.json's architectures {architectures} hold no *ForCausalLM: not a causal language model"
-    return None
+def _range_problems(config: TrainConfig) -> list[str]:
+    """Numeric ranges of the keys no role config checks."""
+    t, r, lrn, rw, c, m = config.trainer, config.rollout, config.learner, config.reward, config.cluster, config.model
+    at_least_one = {
+        "trainer.total_steps": t.total_steps,
+        "trainer.prompts_per_step": t.prompts_per_step,
+        "trainer.samples_per_prompt": t.samples_per_prompt,
+        "trainer.minibatch_prompts": t.minibatch_prompts,
+        "rollout.num_engines": r.num_engines,
+        "learner.world_size": lrn.world_size,
+        "learner.sync_bucket_mb": lrn.sync_bucket_mb,
+        "reward.num_workers": rw.num_workers,
+        "reward.memory_limit_mb": rw.memory_limit_mb,
+        "data.eval_prompts": config.data.eval_prompts,
+        "cluster.num_cpus": c.num_cpus,
+        "cluster.num_nodes": c.num_nodes,
+    }
+    off_at_zero = {
+        "trainer.eval_every": t.eval_every,
+        "trainer.checkpoint_every": t.checkpoint_every,
+        "trainer.keep_checkpoints": t.keep_checkpoints,
+        "trainer.max_skipped_steps": t.max_skipped_steps,
+        "trainer.max_restarts": t.max_restarts,
+        "rollout.max_engine_restarts": r.max_engine_restarts,
+        "learner.threads_per_rank": lrn.threads_per_rank,
+        "cluster.num_gpus": c.num_gpus,
+        "cluster.cpus_per_engine": c.cpus_per_engine,
+        "cluster.cpus_per_learner": c.cpus_per_learner,
+    }
+    positive = {
+        "rollout.generate_timeout_s": r.generate_timeout_s,
+        "learner.call_timeout_s": lrn.call_timeout_s,
+        "reward.timeout_s": rw.timeout_s,
+        "model.warm_start_max_seconds": m.warm_start_max_seconds,
+        "cluster.gpu_memory_gib": c.gpu_memory_gib,
+    }
+    problems = [f"{key}={value} must be >= 1" for key, value in at_least_one.items() if value < 1]
+    problems += [f"{key}={value} must be >= 0 (0 turns it off)" for key, value in off_at_zero.items() if value < 0]
+    problems += [f"{key}={value} must be > 0" for key, value in positive.items() if not value > 0]
+    if not 0 < m.warm_start_target_accuracy <= 1:
+        problems.append(f"model.warm_start_target_accuracy={m.warm_start_target_accuracy} must lie in (0, 1]")
+    return problems
 
 
 def _check_import_path(path: str) -> str | None:
@@ -324,3 +484,19 @@ def _check_import_path(path: str) -> str | None:
     if not callable(getattr(module, name, None)):
         return f"module {module_name!r} has no function {name!r}"
     return None
+
+
+def config_keys(section: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a config dataclass with its type: `{"algorithm.delta": float, ...}`."""
+    import dataclasses
+    import typing
+
+    keys = {}
+    hints = typing.get_type_hints(section)
+    for item in dataclasses.fields(section):
+        kind = hints[item.name]
+        name = f"{prefix}{item.name}"
+        keys[name] = kind
+        if dataclasses.is_dataclass(kind):
+            keys.update(config_keys(kind, name + "."))
+    return keys

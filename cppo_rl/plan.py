@@ -511,16 +511,17 @@ def plan_config(config: object) -> Plan:
 
 
 def main_overrides(overrides: list[str]) -> int:
-    """`python -m cppo_rl.plan experiment=qwen3_8b_base ...`: compose the run's config as train does, plan it."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    """`python -m cppo_rl.plan experiment=qwen3_8b_base ...`: compose the run's config as train does, plan it
+    (status 2 when the config is refused)."""
+    from cppo_rl.config import ConfigError, validate
+    from cppo_rl.preflight import compose
 
-    from cppo_rl.config import TrainConfig, validate
-    from cppo_rl.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        config: TrainConfig = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    validate(config)
+    try:
+        config, _ = compose(overrides)
+        validate(config)
+    except ConfigError as error:
+        print(f"refused: {error}", file=sys.stderr)
+        return 2
     result = plan_config(config)
     print(result.render())
     return 0 if result.feasible else 1

@@ -7,7 +7,8 @@ Reads the run's local history (`RUN_DIR/metrics.jsonl`, one JSON object per step
   divergence_by_position.png  mean divergence and mask rate per position decile over training
   step_time.png               seconds per phase (generate, reward, learner, sync) per step, stacked
   training_health.png         entropy, grad norm, lr, response length, rollout/learner mismatch
-A chart whose metrics the run did not log is skipped with a note.
+A chart whose metrics the run did not log is skipped with a note, and so is a last line cut short by
+a crash mid-write (no final newline, not JSON); any other bad line is refused, naming `file:line`.
 """
 
 from __future__ import annotations
@@ -30,20 +31,32 @@ HEALTH = {  # panel title -> (y label, {metric: line label})
 }
 
 
-def load_history(run_dir: Path) -> list[dict]:
-    """The records of `run_dir/metrics.jsonl`; raises ValueError naming the file (and line) when unusable."""
+def _note(note: str) -> None:
+    print(note, file=sys.stderr)
+
+
+def load_history(run_dir: Path, log=_note) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl`; raises ValueError naming the file (and line) when unusable.
+
+    A truncated last line (no final newline and not JSON: the run died mid-write) is dropped with a note to `log`.
+    """
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such run directory")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no such file; is {run_dir} a cppo_rl run directory?")
+    text = path.read_text()
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                log(f"{path}:{number}: skipped a truncated last line (the run stopped mid-write)")
+                break
             raise ValueError(f"{path}:{number}: not JSON: {error}") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path}:{number}: each line must be an object with an integer 'step'")
@@ -160,11 +173,9 @@ CHARTS = {
 }
 
 
-def render_report(
-    run_dir: Path, out_dir: Path | None = None, log=lambda note: print(note, file=sys.stderr)
-) -> list[Path]:
+def render_report(run_dir: Path, out_dir: Path | None = None, log=_note) -> list[Path]:
     """Write every chart the run's history supports (`log` gets a note per skipped one); returns the PNG paths."""
-    history = load_history(run_dir)
+    history = load_history(run_dir, log)
     out_dir = out_dir or run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,21 +1,33 @@
 """The CPPO algorithm core: pure torch, no Ray / vLLM / DeepSpeed.
 
 Divergences (`divergence.py`), masks and weights (`masks.py`), loss aggregation with global
-normalisers (`aggregation.py`), advantages (`advantages.py`), the policy losses and their registry
-(`policy_losses.py`, `registry.py`) and mask diagnostics (`diagnostics.py`). Shapes: [B, T] for
+normalisers (`aggregation.py`), advantages (`advantages.py`), the policy losses (`policy_losses.py`)
+and mask diagnostics (`diagnostics.py`). Policy losses, divergences and advantage estimators are each
+a `Registry` (`registry.py`) of functions of one signature, selected by name. Shapes: [B, T] for
 per-token tensors (B right-padded responses), [B, T, S] for the token set of a top-K divergence.
 """
 
 from cppo_rl.algorithms.advantages import (
     ADVANTAGES,
+    Advantage,
     count_constant_groups,
     get_advantage,
     grpo_advantages,
+    register_advantage,
     rloo_advantages,
 )
 from cppo_rl.algorithms.aggregation import LOSS_AGG_MODES, LossNormaliser, aggregate_loss, local_counts
 from cppo_rl.algorithms.diagnostics import cppo_diagnostics, mask_diagnostics
-from cppo_rl.algorithms.divergence import DIVERGENCES, binary_kl, binary_tv, get_divergence, topk_kl, topk_tv
+from cppo_rl.algorithms.divergence import (
+    DIVERGENCES,
+    Divergence,
+    binary_kl,
+    binary_tv,
+    get_divergence,
+    register_divergence,
+    topk_kl,
+    topk_tv,
+)
 from cppo_rl.algorithms.masks import (
     CPPOMaskResult,
     cispo_weights,
@@ -32,13 +44,17 @@ from cppo_rl.algorithms.masks import (
 )
 from cppo_rl.algorithms.policy_losses import (
     METHOD_DEFAULTS,
+    POLICY_LOSSES,
+    PolicyLoss,
     PolicyLossConfig,
     PolicyLossInputs,
     PolicyLossOutput,
     default_config,
+    get_policy_loss,
+    register_policy_loss,
     token_divergence,
 )
-from cppo_rl.algorithms.registry import POLICY_LOSSES, get_policy_loss, register_policy_loss
+from cppo_rl.algorithms.registry import Registry
 
 __all__ = [
     "ADVANTAGES",
@@ -46,11 +62,15 @@ __all__ = [
     "LOSS_AGG_MODES",
     "METHOD_DEFAULTS",
     "POLICY_LOSSES",
+    "Advantage",
     "CPPOMaskResult",
+    "Divergence",
     "LossNormaliser",
+    "PolicyLoss",
     "PolicyLossConfig",
     "PolicyLossInputs",
     "PolicyLossOutput",
+    "Registry",
     "aggregate_loss",
     "binary_kl",
     "binary_tv",
@@ -72,6 +92,8 @@ __all__ = [
     "per_sequence_delta_b",
     "position_weights",
     "ppo_clip_mask",
+    "register_advantage",
+    "register_divergence",
     "register_policy_loss",
     "rloo_advantages",
     "token_divergence",

@@ -2,18 +2,29 @@
 
 `rewards` is float [N] (one scalar per response); `group_index` is int [N] naming the prompt each
 response answers (any integers; samples of one prompt share a value). Results are float32 [N];
-broadcast over tokens by the policy losses.
+broadcast over tokens by the policy losses. Every estimator has the `Advantage` signature and is
+selectable by name (`get_advantage`); add one with `@register_advantage("name")`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from cppo_rl.algorithms._checks import check_floating, check_rank
+from cppo_rl.algorithms.registry import Registry
 
-Advantage = Callable[..., torch.Tensor]
+
+class Advantage(Protocol):
+    """`fn(rewards [N] float, group_index [N] int, *, std_norm) -> advantages [N] float32` (detached)."""
+
+    def __call__(self, rewards: torch.Tensor, group_index: torch.Tensor, *, std_norm: bool = False) -> torch.Tensor: ...
+
+
+ADVANTAGES: Registry[Advantage] = Registry("advantage estimator")
+register_advantage = ADVANTAGES.register
+get_advantage = ADVANTAGES.get
 
 
 def _check_rewards(rewards: torch.Tensor, group_index: torch.Tensor, caller: str) -> None:
@@ -40,32 +51,44 @@ def _group_sums(values: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.
     return sums[dense], sizes[dense]
 
 
-def grpo_advantages(
-    rewards: torch.Tensor, group_index: torch.Tensor, *, std_norm: bool = False, eps: float = 1e-6
-) -> torch.Tensor:
-    """GRPO group-relative advantage `r_i - mean_group(r)`, divided by the group's std if `std_norm`.
-
-    The std is the unbiased one (as GRPO implementations use); a group of one response, or one whose
-    rewards are all equal, gets advantage 0.
-    """
-    _check_rewards(rewards, group_index, "grpo_advantages")
+def _group_centred(
+    rewards: torch.Tensor, group_index: torch.Tensor, std_norm: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 `r_i - mean_group(r)`, divided by the group's unbiased std + eps if `std_norm`; group sizes. Both [N]."""
     values = rewards.detach().double()
     sums, sizes = _group_sums(values, group_index)
     centred = values - sums / sizes
     if std_norm:
         squares, _ = _group_sums(centred**2, group_index)
-        std = (squares / (sizes - 1).clamp_min(1)).sqrt()
-        centred = centred / (std + eps)
-    return centred.float()
+        centred = centred / ((squares / (sizes - 1).clamp_min(1)).sqrt() + eps)
+    return centred, sizes
 
 
-def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
-    """RLOO (leave-one-out) advantage `r_i - mean_{j != i in group}(r_j)`; 0 for a group of one."""
+@register_advantage("grpo")
+def grpo_advantages(
+    rewards: torch.Tensor, group_index: torch.Tensor, *, std_norm: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO group-relative advantage `r_i - mean_group(r)`, divided by the group's std + eps if `std_norm`.
+
+    The std is the unbiased one (as GRPO implementations use); a group of one response, or one whose
+    rewards are all equal, gets advantage 0.
+    """
+    _check_rewards(rewards, group_index, "grpo_advantages")
+    return _group_centred(rewards, group_index, std_norm, eps)[0].float()
+
+
+@register_advantage("rloo")
+def rloo_advantages(
+    rewards: torch.Tensor, group_index: torch.Tensor, *, std_norm: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
+    """RLOO (leave-one-out) advantage `r_i - mean_{j != i in group}(r_j)`; 0 for a group of one.
+
+    Equal to `n / (n - 1)` times GRPO's in a group of n; `std_norm` divides by the same group std + eps
+    as GRPO's, so `rloo = n / (n - 1) * grpo` holds in both modes.
+    """
     _check_rewards(rewards, group_index, "rloo_advantages")
-    values = rewards.detach().double()
-    sums, sizes = _group_sums(values, group_index)
-    others = (sums - values) / (sizes - 1).clamp_min(1)
-    return torch.where(sizes > 1, values - others, torch.zeros_like(values)).float()
+    centred, sizes = _group_centred(rewards, group_index, std_norm, eps)
+    return (centred * sizes / (sizes - 1).clamp_min(1)).float()
 
 
 def count_constant_groups(rewards: torch.Tensor, group_index: torch.Tensor) -> int:
@@ -79,14 +102,3 @@ def count_constant_groups(rewards: torch.Tensor, group_index: torch.Tensor) -> i
     highest = torch.full((groups,), -float("inf"), dtype=values.dtype).scatter_reduce(0, dense, values, "amax")
     lowest = torch.full((groups,), float("inf"), dtype=values.dtype).scatter_reduce(0, dense, values, "amin")
     return int((highest == lowest).sum())
-
-
-ADVANTAGES: dict[str, Advantage] = {"grpo": grpo_advantages, "rloo": rloo_advantages}
-"""Advantage estimators by name."""
-
-
-def get_advantage(name: str) -> Advantage:
-    """Return the advantage estimator called `name`, or raise listing the known names."""
-    if name not in ADVANTAGES:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(ADVANTAGES))}")
-    return ADVANTAGES[name]

@@ -8,7 +8,9 @@ of the full-vocabulary divergence (algorithm_spec.md section 2):
   (inputs: logprobs over the same token set, shape [..., S]; a padded slot is -inf in both).
 
 All KL divergences are KL(mu || pi). Results are float32 (float64 when given float64), never carry
-gradient, and have the batch shape of the inputs.
+gradient, and have the batch shape of the inputs. Every estimator is selectable by name
+(`get_divergence`); add one with `@register_divergence("name")` (and to `TOPK_DIVERGENCES` if it takes
+a token set).
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ from collections.abc import Callable
 import torch
 
 from cppo_rl.algorithms._checks import check_floating, check_same_shape
+from cppo_rl.algorithms.registry import Registry
 
 BINARY_KL_EPS = 1e-8  # added inside the 'rest' log ratio, as the reference implementations do
 OTHER_BUCKET_FLOOR = 1e-12  # the 'other' bucket's floor in the top-K KL
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""`fn(mu_logprobs, pi_logprobs) -> D`: [...] -> [...] (binary) or [..., S] -> [...] (top-K)."""
+
+DIVERGENCES: Registry[Divergence] = Registry("divergence")
+register_divergence = DIVERGENCES.register
+get_divergence = DIVERGENCES.get
 
 
 def _as_float(tensor: torch.Tensor) -> torch.Tensor:
@@ -37,12 +45,14 @@ def _check_pair(mu_logprobs: torch.Tensor, pi_logprobs: torch.Tensor, caller: st
     check_same_shape(caller, "mu_logprobs", {"mu_logprobs": mu_logprobs, "pi_logprobs": pi_logprobs})
 
 
+@register_divergence("binary_tv")
 def binary_tv(mu_logprobs: torch.Tensor, pi_logprobs: torch.Tensor) -> torch.Tensor:
     """Binary TV `|mu(a_t) - pi(a_t)|` from the sampled token's logprobs, shape [...] -> [...]."""
     _check_pair(mu_logprobs, pi_logprobs, "binary_tv")
     return (_as_float(mu_logprobs).exp() - _as_float(pi_logprobs).exp()).abs()
 
 
+@register_divergence("binary_kl")
 def binary_kl(mu_logprobs: torch.Tensor, pi_logprobs: torch.Tensor) -> torch.Tensor:
     """Binary KL(mu || pi) over {sampled token, rest}, shape [...] -> [...], clamped at >= 0."""
     _check_pair(mu_logprobs, pi_logprobs, "binary_kl")
@@ -60,6 +70,7 @@ def _set_probabilities(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return probs, other
 
 
+@register_divergence("topk_tv")
 def topk_tv(mu_logprobs: torch.Tensor, pi_logprobs: torch.Tensor) -> torch.Tensor:
     """Top-K TV over mu's token set plus 'other', shape [..., S] -> [...].
 
@@ -71,6 +82,7 @@ def topk_tv(mu_logprobs: torch.Tensor, pi_logprobs: torch.Tensor) -> torch.Tenso
     return 0.5 * ((p_mu - p_pi).abs().sum(dim=-1) + (other_mu - other_pi).abs())
 
 
+@register_divergence("topk_kl")
 def topk_kl(mu_logprobs: torch.Tensor, pi_logprobs: torch.Tensor) -> torch.Tensor:
     """Top-K KL(mu || pi) over mu's token set plus 'other', shape [..., S] -> [...].
 
@@ -88,19 +100,5 @@ def topk_kl(mu_logprobs: torch.Tensor, pi_logprobs: torch.Tensor) -> torch.Tenso
     return (slot_terms.sum(dim=-1) + other_term).clamp_min(0.0)
 
 
-DIVERGENCES: dict[str, Divergence] = {
-    "binary_tv": binary_tv,
-    "binary_kl": binary_kl,
-    "topk_tv": topk_tv,
-    "topk_kl": topk_kl,
-}
-"""Divergence estimators by name: binary ones take [...] sampled-token logprobs, top-K ones [..., S]."""
-
 TOPK_DIVERGENCES = frozenset({"topk_tv", "topk_kl"})
-
-
-def get_divergence(name: str) -> Divergence:
-    """Return the divergence estimator called `name`, or raise listing the known names."""
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; known divergences: {', '.join(sorted(DIVERGENCES))}")
-    return DIVERGENCES[name]
+"""The estimators that take [..., S] token-set logprobs."""

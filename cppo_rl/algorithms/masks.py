@@ -10,6 +10,7 @@ update "moves toward mu" when `A_t * (rho_t - 1) <= 0`; the mask family never ma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -131,23 +132,25 @@ def per_sequence_delta_b(
     delta_b_min: float = 0.02,
     quantile: float = 0.9,
     scale: float = 1.0,
+    ceiling: float = 2.0,
 ) -> torch.Tensor:
-    """Per-sequence budget `clamp(scale * Quantile_q(D_valid), delta_b_min, 2 delta_b_min)`, [B, 1].
+    """Per-sequence budget `clamp(scale * Quantile_q(D_valid), delta_b_min, ceiling * delta_b_min)`, [B, 1].
 
     Linear-interpolation quantile over each row's valid tokens; an empty row gets `delta_b_min`
-    (algorithm_spec.md 3.3 and 8.7).
+    (algorithm_spec.md 3.3, 8.7 and 8.15: `ceiling` 2 is the paper's, 5 the authors' later code).
     """
     caller = "per_sequence_delta_b"
     _check_token_inputs(caller, response_mask, divergence=divergence)
     check_positive("delta_b_min", delta_b_min, caller)
     check_in_interval("quantile", quantile, 0.0, 1.0, caller)
     check_positive("scale", scale, caller)
+    check_in_interval("ceiling", ceiling, 1.0, math.inf, caller)
     masked = torch.where(response_mask, _as_float(divergence), torch.full_like(_as_float(divergence), float("nan")))
     if masked.numel() == 0:  # nanquantile refuses empty input; every row is empty
         return torch.full((masked.shape[0], 1), delta_b_min, dtype=masked.dtype, device=masked.device)
     per_row = torch.nanquantile(masked, quantile, dim=-1, keepdim=True)
     per_row = torch.nan_to_num(scale * per_row, nan=delta_b_min)
-    return per_row.clamp(min=delta_b_min, max=2 * delta_b_min)
+    return per_row.clamp(min=delta_b_min, max=ceiling * delta_b_min)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +206,7 @@ def cppo_mask_details(
     adaptive_delta_b: bool = False,
     delta_b_quantile: float = 0.9,
     delta_b_scale: float = 1.0,
+    delta_b_ceiling: float = 2.0,
     position_weight: bool = True,
     prefix_budget: bool = True,
     shuffle_weights: bool = False,
@@ -213,8 +217,9 @@ def cppo_mask_details(
     Token t is kept iff it moves toward mu, or `Z_t <= min(delta, delta + delta_b W_{t-1} - S_{t-1})`
     with `Z_t = w_t D_t`, `S_t = sum_{j<=t} Z_j`, `W_t = sum_{j<=t} w_j` over every valid token
     of the same response (masked ones included, padding excluded). `delta_b` is the fixed budget,
-    or the minimum of the adaptive one. `position_weight=False` sets w = 1, `prefix_budget=False`
-    drops the prefix term, `shuffle_weights=True` permutes w within each response (the ablations).
+    or the minimum of the adaptive one, whose maximum is `delta_b_ceiling * delta_b` (see
+    `per_sequence_delta_b`). `position_weight=False` sets w = 1, `prefix_budget=False` drops the
+    prefix term, `shuffle_weights=True` permutes w within each response (the ablations).
     """
     caller = "cppo_mask"
     _check_token_inputs(caller, response_mask, divergence=divergence, log_ratio=log_ratio)
@@ -224,6 +229,7 @@ def cppo_mask_details(
     check_in_interval("w_min", w_min, 0.0, 1.0, caller, low_open=True)
     check_in_interval("delta_b_quantile", delta_b_quantile, 0.0, 1.0, caller)
     check_positive("delta_b_scale", delta_b_scale, caller)
+    check_in_interval("delta_b_ceiling", delta_b_ceiling, 1.0, math.inf, caller)
     if adaptive_delta_b:
         check_positive("delta_b", delta_b, caller)
 
@@ -239,7 +245,7 @@ def cppo_mask_details(
 
     if adaptive_delta_b:
         budget_rate = per_sequence_delta_b(
-            d, valid, delta_b_min=delta_b, quantile=delta_b_quantile, scale=delta_b_scale
+            d, valid, delta_b_min=delta_b, quantile=delta_b_quantile, scale=delta_b_scale, ceiling=delta_b_ceiling
         ).to(d.dtype)
     else:
         budget_rate = torch.full((d.shape[0], 1), float(delta_b), dtype=d.dtype, device=d.device)
@@ -283,6 +289,7 @@ def cppo_mask(
     adaptive_delta_b: bool = False,
     delta_b_quantile: float = 0.9,
     delta_b_scale: float = 1.0,
+    delta_b_ceiling: float = 2.0,
     position_weight: bool = True,
     prefix_budget: bool = True,
 ) -> torch.Tensor:
@@ -299,6 +306,7 @@ def cppo_mask(
         adaptive_delta_b=adaptive_delta_b,
         delta_b_quantile=delta_b_quantile,
         delta_b_scale=delta_b_scale,
+        delta_b_ceiling=delta_b_ceiling,
         position_weight=position_weight,
         prefix_budget=prefix_budget,
     ).mask

@@ -1,4 +1,4 @@
-"""Policy losses for CPPO and its baselines, one signature, selectable by name.
+"""Policy losses for CPPO and its baselines, one signature (`PolicyLoss`), selectable by name.
 
 Every loss takes `(inputs, config, normaliser)` and returns a `PolicyLossOutput` whose `loss` is
 this shard's contribution to the mini-batch loss (see `aggregation.py` for the global normalisers;
@@ -15,7 +15,9 @@ Loss forms (minimised; rho = exp(clamp(log pi - log mu, -20, 20)); sg = stop-gra
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -42,7 +44,7 @@ from cppo_rl.algorithms.masks import (
     trm_avg_mask,
     trm_max_mask,
 )
-from cppo_rl.algorithms.registry import get_policy_loss, register_policy_loss
+from cppo_rl.algorithms.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class PolicyLossConfig:
     delta_b:            CPPO prefix budget rate (fixed), or its minimum when `adaptive_delta_b`
     w_min:              CPPO's last-position weight, in (0, 1]
     horizon:            position schedule T: None (padded width), "sequence", or an int (max response length)
-    adaptive_delta_b, delta_b_quantile, delta_b_scale: the per-sequence budget of spec 3.3
+    adaptive_delta_b, delta_b_quantile, delta_b_scale, delta_b_ceiling: the per-sequence budget of spec 3.3,
+                        clamp(scale * Quantile_q(D), delta_b, delta_b_ceiling * delta_b) (ceiling 2 paper, 5 PR head)
     position_weight, prefix_budget, shuffle_weights: CPPO's ablation switches
     soft_gate:          use CPPO's soft gate min(1, 1/x) instead of the hard mask
     is_cap:             truncated-IS cap C of the mask family
@@ -74,6 +77,7 @@ class PolicyLossConfig:
     adaptive_delta_b: bool = False
     delta_b_quantile: float = 0.9
     delta_b_scale: float = 1.0
+    delta_b_ceiling: float = 2.0
     position_weight: bool = True
     prefix_budget: bool = True
     shuffle_weights: bool = False
@@ -88,13 +92,13 @@ class PolicyLossConfig:
     minpro_eps_high: float = 0.28
     trm_max_delta: float = 0.05
     trm_avg_delta: float = 0.001
-    loss_agg_mode: str = "token-mean"
+    loss_agg_mode: str = "seq-mean-token-sum-norm"
 
     def __post_init__(self) -> None:
         caller = "PolicyLossConfig"
         if self.divergence not in DIVERGENCES:
             raise ValueError(
-                f"{caller}: unknown `divergence` {self.divergence!r}; choose one of {', '.join(sorted(DIVERGENCES))}"
+                f"{caller}: unknown `divergence` {self.divergence!r}; choose one of {', '.join(DIVERGENCES.names())}"
             )
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(
@@ -120,6 +124,7 @@ class PolicyLossConfig:
             check_positive("delta_b", self.delta_b, caller)
         check_in_interval("w_min", self.w_min, 0.0, 1.0, caller, low_open=True)
         check_in_interval("delta_b_quantile", self.delta_b_quantile, 0.0, 1.0, caller)
+        check_in_interval("delta_b_ceiling", self.delta_b_ceiling, 1.0, math.inf, caller)
         valid_horizon = (
             self.horizon is None
             or self.horizon == "sequence"
@@ -191,6 +196,19 @@ class PolicyLossOutput:
     token_losses: torch.Tensor
     keep: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PolicyLoss(Protocol):
+    """`fn(inputs, config, normaliser=None) -> PolicyLossOutput`; see the module docstring."""
+
+    def __call__(
+        self, inputs: PolicyLossInputs, config: PolicyLossConfig, normaliser: LossNormaliser | None = None
+    ) -> PolicyLossOutput: ...
+
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+register_policy_loss = POLICY_LOSSES.register
+get_policy_loss = POLICY_LOSSES.get
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +310,7 @@ def cppo_loss(
         adaptive_delta_b=config.adaptive_delta_b,
         delta_b_quantile=config.delta_b_quantile,
         delta_b_scale=config.delta_b_scale,
+        delta_b_ceiling=config.delta_b_ceiling,
         position_weight=config.position_weight,
         prefix_budget=config.prefix_budget,
         shuffle_weights=config.shuffle_weights,

@@ -1,34 +1,47 @@
-"""The policy-loss registry: every loss selectable by name from config.
+"""Named registries: policy losses, divergences and advantage estimators are selected by name.
 
-A policy loss is `fn(inputs: PolicyLossInputs, config: PolicyLossConfig,
-normaliser: LossNormaliser | None = None) -> PolicyLossOutput` (see `policy_losses.py`).
-Register a new one with `@register_policy_loss("name")`.
+One `Registry` per kind, each holding functions of one signature (see the kind's module):
+`POLICY_LOSSES` (`policy_losses.py`), `DIVERGENCES` (`divergence.py`), `ADVANTAGES` (`advantages.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
-PolicyLoss = Callable[..., Any]
-
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
+F = TypeVar("F", bound=Callable)
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    """Decorator: make `fn` selectable as `name`; a name can be registered once."""
+class Registry(Generic[F]):
+    """name -> function of one kind. `register(name)` decorates, `get(name)` looks up, `names()` lists."""
 
-    def decorator(fn: PolicyLoss) -> PolicyLoss:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is already registered (by {POLICY_LOSSES[name].__name__})")
-        POLICY_LOSSES[name] = fn
-        return fn
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._functions: dict[str, F] = {}
 
-    return decorator
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator: make `fn` selectable as `name`; a name can be registered once."""
 
+        def decorator(fn: F) -> F:
+            if name in self._functions:
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._functions[name].__name__})")
+            self._functions[name] = fn
+            return fn
 
-def get_policy_loss(name: str) -> PolicyLoss:
-    """Return the policy loss called `name`, or raise a ValueError listing the known names."""
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; known policy losses: {', '.join(sorted(POLICY_LOSSES))}")
-    return POLICY_LOSSES[name]
+        return decorator
+
+    def get(self, name: str) -> F:
+        """The function registered as `name`, or a ValueError listing the known names."""
+        if name not in self._functions:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+        return self._functions[name]
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._functions)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._functions
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

@@ -24,10 +24,26 @@ def wandb_mode(requested: str) -> str:
 
 def rewind_history(path: Path, last_step: int, source: Path | None = None) -> int:
     """Keep only the records of `path` (or of `source`, copied to `path`) with step <= `last_step`:
-    what a run resumed from checkpoint `last_step` must not repeat. Returns the records kept."""
+    what a run resumed from checkpoint `last_step` must not repeat. Returns the records kept.
+
+    A last line cut short by a crash (no final newline, not JSON) is dropped with a warning, as
+    `python -m cppo_rl.report` does; any other line that is not JSON raises a ValueError naming `file:line`."""
     source = source or path
-    lines = source.read_text().splitlines() if source.is_file() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    text = source.read_text() if source.is_file() else ""
+    lines = text.splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                print(f"warning: {source}:{number}: dropped a truncated last line (the run stopped mid-write)")
+                break
+            raise ValueError(f"{source}:{number}: not JSON: {error}") from None
+        if step <= last_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
     return len(kept)
 

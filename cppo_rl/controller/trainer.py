@@ -15,37 +15,10 @@ from pathlib import Path
 
 import torch
 
-from cppo_rl.algorithms import PolicyLossConfig, count_constant_groups, get_advantage
+from cppo_rl.algorithms import count_constant_groups, get_advantage
 from cppo_rl.batch import RolloutBatch
-from cppo_rl.config import TrainConfig
-from cppo_rl.data.dataset import Example, PromptLoader, load_jsonl
-
-
-def policy_loss_config(config: TrainConfig) -> PolicyLossConfig:
-    """The algorithm core's config for this run (position horizon resolved to a number or a mode)."""
-    a = config.algorithm
-    horizon = {"max_response_length": config.rollout.max_response_length, "sequence": "sequence", "padded": None}
-    return PolicyLossConfig(
-        divergence=a.divergence,
-        delta=a.delta,
-        delta_b=a.delta_b,
-        w_min=a.w_min,
-        horizon=horizon[a.position_horizon],
-        adaptive_delta_b=a.adaptive_delta_b,
-        delta_b_quantile=a.delta_b_quantile,
-        delta_b_scale=a.delta_b_scale,
-        is_cap=a.is_cap,
-        clip_low=a.clip_low,
-        clip_high=a.clip_high,
-        cispo_eps_low=a.cispo_eps_low,
-        cispo_eps_high=a.cispo_eps_high,
-        minpro_eps_low=a.minpro_eps_low,
-        minpro_eps_high=a.minpro_eps_high,
-        trm_max_delta=a.trm_max_delta,
-        trm_avg_delta=a.trm_avg_delta,
-        loss_agg_mode=a.loss_agg_mode,
-    )
-
+from cppo_rl.config import TrainConfig, engine_config, learner_config, policy_loss_config, sampling_config
+from cppo_rl.data.dataset import Example, PromptLoader, chat, encode_prompts, load_examples
 
 CHECKPOINTS = "checkpoints"
 # keys a resumed run may change without changing what it computes (everything else is warned about)
@@ -59,19 +32,22 @@ FREE_ON_RESUME = (
 FREE_ON_RESUME_SECTIONS = ("logging.", "cluster.")
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
+def find_resume_checkpoint(resume: str, run_dir: Path, clean: bool = True) -> Path | None:
     """The checkpoint `trainer.resume` asks for: None for "never" (or "auto" with none written yet),
-    the latest complete one of this run for "auto", or the one a path names (a checkpoint, a run
-    directory or a checkpoint root)."""
+    the latest complete one of this run for "auto" (half-written ones removed first when `clean`), or the
+    one a path names (a checkpoint, a run directory or a checkpoint root)."""
     from cppo_rl.config import ConfigError
     from cppo_rl.learner.checkpoint import MARKER, clean_staging, latest_checkpoint
 
     if resume == "never":
         return None
     if resume == "auto":
-        clean_staging(run_dir / CHECKPOINTS)
+        if clean:
+            clean_staging(run_dir / CHECKPOINTS)
         return latest_checkpoint(run_dir / CHECKPOINTS)
     path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"trainer.resume={resume!r} is neither never, auto nor an existing checkpoint/run directory")
     if (path / MARKER).is_file():
         return path
     found = latest_checkpoint(path / CHECKPOINTS) or latest_checkpoint(path)
@@ -193,7 +169,7 @@ class Trainer:
         )
 
         def files(names: list[str], split: str) -> list[Example]:
-            return [e for name in names for e in load_jsonl(generated[split] if name == "generated" else name)]
+            return load_examples(names, data, generated, split)
 
         return model_path, files(data.train_files, "train"), files(data.eval_files, "test")[: data.eval_prompts]
 
@@ -230,47 +206,19 @@ class Trainer:
         return strategies[: r.num_engines], strategies[r.num_engines :]
 
     def _start_actors(self, model_path: str) -> None:
-        from cppo_rl.learner.worker import LearnerConfig, LearnerGroup
+        from cppo_rl.learner.worker import LearnerGroup
         from cppo_rl.rewards import RewardPool
-        from cppo_rl.rollout.engine import EngineConfig
         from cppo_rl.rollout.worker import RolloutGroup, WorkerLauncher
 
-        c, r, lrn, t = self.config.cluster, self.config.rollout, self.config.learner, self.config.trainer
+        c, r, lrn = self.config.cluster, self.config.rollout, self.config.learner
         use_gpu = c.num_gpus > 0
         engine_slots, learner_slots = self._placement()
-        engine = EngineConfig(
-            model_path,
-            dtype=r.dtype,
-            max_model_len=r.max_model_len,
-            tensor_parallel_size=r.tensor_parallel_size,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            cpu_kv_cache_gib=r.cpu_kv_cache_gib,
-            seed=t.seed,
-        )
         self.rollout = RolloutGroup.start(
-            WorkerLauncher(engine, c.cpus_per_engine, use_gpu, engine_slots), r.num_engines
-        )
-        updates = t.prompts_per_step // t.minibatch_prompts
-        learner = LearnerConfig(
-            model_path=model_path,
-            responses_per_step=t.prompts_per_step * t.samples_per_prompt,
-            updates_per_rollout=updates,
-            micro_batch_size=lrn.micro_batch_size,
-            lr=lrn.lr,
-            weight_decay=lrn.weight_decay,
-            grad_clip=lrn.grad_clip,
-            warmup_steps=lrn.warmup_steps,
-            lr_schedule=lrn.lr_schedule,
-            total_steps=t.total_steps * updates,
-            temperature=r.temperature,
-            anchor=self.config.algorithm.anchor,
-            logprob_chunk_size=lrn.logprob_chunk_size,
-            gradient_checkpointing=lrn.gradient_checkpointing,
-            zero_stage=lrn.zero_stage,
-            seed=t.seed,
+            WorkerLauncher(engine_config(self.config, model_path), c.cpus_per_engine, use_gpu, engine_slots),
+            r.num_engines,
         )
         self.learner = LearnerGroup(
-            learner,
+            learner_config(self.config, model_path),
             self.config.algorithm.name,
             self.loss_config,
             lrn.world_size,
@@ -373,11 +321,8 @@ class Trainer:
         return path
 
     def _encode(self, tokenizer, examples: list[Example]) -> list[list[int]]:
-        """Token ids of each example's chat prompt: `data.prompt_template` with "{prompt}" replaced by the
-        row's problem text (a plain replace: the template may hold other braces, e.g. \\boxed{})."""
-        template = self.config.data.prompt_template
-        turns = [[{"role": "user", "content": template.replace("{prompt}", e.prompt)}] for e in examples]
-        return [tokenizer.apply_chat_template(turn, add_generation_prompt=True)["input_ids"] for turn in turns]
+        """Token ids of each example's chat prompt (cppo_rl.data.dataset.encode_prompts)."""
+        return encode_prompts(tokenizer, examples, self.config.data)
 
     def resume_command(self) -> str:
         """The command line that continues this run: its own overrides, plus the run directory and resume."""
@@ -397,23 +342,17 @@ class Trainer:
 
     def evaluate(self, tokenizer, examples: list[Example], step: int) -> tuple[dict[str, float], list[list]]:
         """Avg@k on `examples` at the eval temperature / top-p; returns metrics and sample rows."""
-        from cppo_rl.rollout.sampling import SamplingConfig
-
         r = self.config.rollout
-        sampling = SamplingConfig(
-            n=r.eval_samples,
-            temperature=r.eval_temperature,
-            top_p=r.eval_top_p,
-            max_tokens=r.max_response_length,
-            logprobs_k=0,
-            seed=10_000 + step,
-            training=False,
-        )
+        sampling = sampling_config(self.config, training=False, seed=10_000 + step)
         batch = self._generate(self._encode(tokenizer, examples), sampling)
         golds = [e.answer for e in examples for _ in range(r.eval_samples)]
         outcomes = self.rewards.score(batch.response_texts, golds)
         samples = [
-            [examples[i // r.eval_samples].prompt, batch.response_texts[i], outcomes[i].reward]
+            [
+                chat(examples[i // r.eval_samples], "{prompt}")[-1]["content"],
+                batch.response_texts[i],
+                outcomes[i].reward,
+            ]
             for i in range(0, len(golds), r.eval_samples)
         ][:8]
         metrics = {
@@ -430,7 +369,6 @@ class Trainer:
         from cppo_rl.controller.progress import Progress, StopRequests
         from cppo_rl.controller.tracker import Tracker
         from cppo_rl.learner.checkpoint import read_marker
-        from cppo_rl.rollout.sampling import SamplingConfig
 
         config, started = self.config, time.perf_counter()
         c, r, t = config.cluster, config.rollout, config.trainer
@@ -467,13 +405,7 @@ class Trainer:
         )
         self._start_actors(model_path)
         advantage = get_advantage(config.algorithm.advantage)
-        sampling = SamplingConfig(
-            n=t.samples_per_prompt,
-            temperature=r.temperature,
-            max_tokens=r.max_response_length,
-            logprobs_k=r.top_k_logprobs,
-            seed=t.seed,
-        )
+        sampling = sampling_config(config, training=True, seed=t.seed)
         samples_columns = ["prompt", "response", "reward"]
         progress, checkpoint, phases = None, None, {}
         try:
@@ -494,7 +426,7 @@ class Trainer:
                 first_step = state.step + 1
                 progress = Progress(t.total_steps, first_step, t.progress_bar)
                 metrics: dict[str, float] = {}
-                skipped = SkippedUpdates(t.prompts_per_step // t.minibatch_prompts, t.max_skipped_steps)
+                skipped = SkippedUpdates(t.updates_per_rollout, t.max_skipped_steps)
                 for step in range(first_step, t.total_steps + 1):
                     restarts_before = self.engine_restarts
                     metrics = self._step(step, loader, tokenizer, sampling, advantage)
@@ -565,8 +497,7 @@ class Trainer:
         golds = [e.answer for e in examples for _ in range(sampling.n)]
         outcomes = self.rewards.score(batch.response_texts, golds)
         batch.rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float32)
-        std_norm = {"std_norm": self.config.algorithm.adv_std_norm} if self.config.algorithm.advantage == "grpo" else {}
-        batch.advantages = advantage(batch.rewards, batch.group_index, **std_norm)
+        batch.advantages = advantage(batch.rewards, batch.group_index, std_norm=self.config.algorithm.adv_std_norm)
         timings["reward"] = time.perf_counter() - clock
 
         clock = time.perf_counter()

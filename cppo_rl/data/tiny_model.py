@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from cppo_rl.data.tokenizer import ENDOFTEXT, IM_END, PAD, build_tokenizer
+if TYPE_CHECKING:  # transformers is imported where a model is built: reading the shape stays light
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 VOCAB_MULTIPLE = 64
 """The embedding rows are padded to a multiple of this (as real checkpoints pad theirs)."""
@@ -90,6 +91,10 @@ def padded_vocab_size(num_tokens: int) -> int:
 def qwen3_config(config: TinyModelConfig) -> Qwen3Config | Qwen3MoeConfig:
     """The transformers config of the tiny model (float32, eos = `<|im_end|>`, pad = `<|pad|>`); a
     Qwen3-MoE one when `config.num_experts` > 0 (every layer sparse)."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    from cppo_rl.data.tokenizer import ENDOFTEXT, IM_END, PAD, build_tokenizer
+
     tokenizer = build_tokenizer()
     if config.num_experts:
         moe = {
@@ -127,6 +132,8 @@ def qwen3_config(config: TinyModelConfig) -> Qwen3Config | Qwen3MoeConfig:
 
 def init_tiny_model(config: TinyModelConfig) -> Qwen3ForCausalLM | Qwen3MoeForCausalLM:
     """A random-init float32 model, the same weights for the same config; the global RNG is untouched."""
+    from transformers import GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
     model_class = Qwen3MoeForCausalLM if config.num_experts else Qwen3ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -141,6 +148,8 @@ def init_tiny_model(config: TinyModelConfig) -> Qwen3ForCausalLM | Qwen3MoeForCa
 
 def build_tiny_model(config: TinyModelConfig, out_dir: str | Path) -> Path:
     """Write the random-init model and its tokenizer into `out_dir` (created if missing); return it."""
+    from cppo_rl.data.tokenizer import build_tokenizer
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     init_tiny_model(config).save_pretrained(out)

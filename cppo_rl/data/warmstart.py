@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
+from cppo_rl.config import ModelConfig
 from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig, Problem, generate_splits, grade
 from cppo_rl.data.tiny_model import TinyModelConfig, init_tiny_model
 from cppo_rl.data.tokenizer import IM_END, build_tokenizer
@@ -60,12 +61,12 @@ class WarmStartConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     max_steps: int = 5000
-    max_seconds: float = 900.0
+    max_seconds: float = ModelConfig.warm_start_max_seconds
     eval_every: int = 50
     eval_prompts: int = 200
     eval_samples: int = 4
     temperature: float = 1.0
-    target_accuracy: float = 0.25
+    target_accuracy: float = ModelConfig.warm_start_target_accuracy
     seed: int = 0
 
     def __post_init__(self) -> None:

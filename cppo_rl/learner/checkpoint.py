@@ -84,3 +84,38 @@ def clean_staging(root: str | Path) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def verify(checkpoint: str | Path, config=None) -> list[str]:
+    """Why a complete checkpoint cannot be resumed, read from its files alone (no shard is loaded): a
+    marker that is not JSON, missing or empty DeepSpeed shards (one optimizer shard per learner rank
+    with ZeRO >= 1) or HF weights, or `config` (a TrainConfig) asking for another number of ranks."""
+    checkpoint = Path(checkpoint)
+    try:
+        marker = read_marker(checkpoint)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return [f"{checkpoint / MARKER} is damaged ({error}); resume from an earlier checkpoint of that run"]
+    saved = marker.get("trainer", {}).get("config", {}).get("learner", {})
+    shards = checkpoint / "deepspeed" / "state"
+    problems = [
+        f"{path} is missing or empty"
+        for path in (checkpoint / "hf" / "model.safetensors", checkpoint / "hf" / "config.json")
+        if not (path.is_file() and path.stat().st_size > 0)
+    ]
+    model_states = sorted(shards.glob("*model_states.pt")) if shards.is_dir() else []
+    optim_states = sorted(shards.glob("*optim_states.pt")) if shards.is_dir() else []
+    unreadable = [p for p in model_states + optim_states if p.stat().st_size == 0 or not os.access(p, os.R_OK)]
+    if not model_states:
+        problems.append(f"{shards} holds no DeepSpeed model shard (*model_states.pt)")
+    problems += [f"{path} is empty or unreadable" for path in unreadable]
+    ranks = saved.get("world_size")
+    if saved.get("zero_stage", 0) >= 1 and ranks and len(optim_states) != ranks:
+        problems.append(f"{shards} holds {len(optim_states)} optimizer shards, but {ranks} learner ranks wrote it")
+    if problems:
+        problems[-1] += "; resume from an earlier checkpoint of that run (trainer.resume=<its step_* folder>)"
+    if config is not None and ranks and config.learner.world_size != ranks:
+        problems.append(
+            f"it was written by {ranks} learner ranks (ZeRO shards are per rank); "
+            f"resume with learner.world_size={ranks}"
+        )
+    return problems

@@ -31,78 +31,63 @@ import torch
 from cppo_rl.algorithms import LossNormaliser, PolicyLossConfig, PolicyLossInputs, get_policy_loss, local_counts
 from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
+from cppo_rl.config import AlgorithmConfig, LearnerSettings, RolloutConfig, TrainerConfig
 from cppo_rl.learner.checkpoint import finalize, staging_dir
-from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE, LogprobPolicy
+from cppo_rl.learner.logprobs import LogprobPolicy
 from cppo_rl.learner.moe import mark_leaf_modules
 from cppo_rl.remote import get_all
 from cppo_rl.sync.buckets import BucketPlan, plan_buckets
 from cppo_rl.sync.transport import join_sync_group
 
 
-@dataclass(frozen=True)
-class LearnerConfig:
-    """Learner settings (sizes in responses, not prompts).
+@dataclass(kw_only=True)
+class LearnerConfig(LearnerSettings):
+    """The run's `learner` section (cppo_rl.config.LearnerSettings: its defaults, its keys) plus what a rank
+    derives from the other sections; `cppo_rl.config.learner_config` builds it. Sizes in responses.
 
     model_path:             HF directory (or hub name) of the initial policy
     responses_per_step:     N of one rollout batch (prompts per step x samples per prompt)
     updates_per_rollout:    optimizer steps per rollout batch (the off-policy degree)
-    micro_batch_size:       responses per forward/backward on one rank
-    backend, dtype:         "auto": nccl + bfloat16 on GPU, gloo + float32 on CPU
-    optimizer:              "adamw", or "sgd" (plain gradient descent, for checks)
-    lr, weight_decay, betas, grad_clip: AdamW and clipping (grad_clip 0 = off)
-    warmup_steps, lr_schedule, total_steps: linear warm-up, then "constant" or "cosine" to 0 at total_steps
+    total_steps:            optimizer steps of the whole run (the end of a cosine schedule)
     temperature:            the rollout temperature, applied to the learner's logits
     anchor:                 "rollout": trust region around mu's logprobs; "recompute": around the
                             learner's own logprobs before the first update of each batch
-    logprob_chunk_size:     positions per chunk of the vocabulary projection
-    gradient_checkpointing: recompute activations in backward
-    zero_stage:             DeepSpeed ZeRO stage: 3 shards parameters, gradients and optimizer state over
-                            the ranks (large models); 0-2 keep every parameter on every rank, which skips
-                            ZeRO-3's per-module gathers (faster for models that fit on one device)
+    backend:                "auto": nccl on GPU, gloo on CPU
+    betas:                  AdamW's
     seed:                   torch seed of every rank
     """
 
     model_path: str
     responses_per_step: int
     updates_per_rollout: int = 1
-    micro_batch_size: int = 8
+    total_steps: int = TrainerConfig.total_steps
+    temperature: float = RolloutConfig.temperature
+    anchor: str = AlgorithmConfig.anchor
     backend: str = "auto"
-    dtype: str = "auto"
-    optimizer: str = "adamw"
-    lr: float = 1e-6
-    weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    total_steps: int = 1000
-    temperature: float = 1.0
-    anchor: str = "rollout"
-    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE
-    gradient_checkpointing: bool = False
-    zero_stage: int = 3
-    seed: int = 0
+    seed: int = TrainerConfig.seed
 
     def micro_steps(self, world_size: int) -> int:
-        """Micro-batches per rank per mini-batch; raises naming the sizes that do not divide."""
+        """Micro-batches per rank per mini-batch; raises naming the user's keys whose sizes do not divide."""
         caller = "LearnerConfig"
         minibatch, remainder = divmod(self.responses_per_step, self.updates_per_rollout)
         if remainder or minibatch == 0:
             raise ValueError(
-                f"{caller}: responses_per_step={self.responses_per_step} is not a multiple of "
-                f"updates_per_rollout={self.updates_per_rollout}; change the batch or the number of updates"
+                f"{caller}: {self.responses_per_step} responses per step do not split into {self.updates_per_rollout} "
+                "updates; make trainer.prompts_per_step a multiple of trainer.minibatch_prompts"
             )
         share, remainder = divmod(minibatch, world_size)
         if remainder or share == 0:
             raise ValueError(
-                f"{caller}: a mini-batch of {minibatch} responses does not split over {world_size} learner ranks; "
-                "make responses_per_step / updates_per_rollout a multiple of the number of ranks"
+                f"{caller}: a mini-batch of {minibatch} responses (trainer.minibatch_prompts x "
+                f"trainer.samples_per_prompt) does not split over learner.world_size={world_size} ranks"
             )
         steps, remainder = divmod(share, self.micro_batch_size)
         if remainder or steps == 0:
             raise ValueError(
-                f"{caller}: a rank's {share} responses per mini-batch are not a multiple of "
-                f"micro_batch_size={self.micro_batch_size}; choose a micro_batch_size dividing {share}"
+                f"{caller}: a rank's {share} responses per mini-batch (trainer.minibatch_prompts x "
+                f"trainer.samples_per_prompt / learner.world_size) are not a multiple of "
+                f"`micro_batch_size`={self.micro_batch_size}; choose one dividing {share}"
             )
         return steps
 
@@ -118,15 +103,23 @@ class LearnerConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{caller}: `{name}` must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("responses_per_step", "updates_per_rollout", "micro_batch_size", "total_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{caller}: `{name}` must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.temperature > 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise ValueError(
-                f"{caller}: need lr > 0, temperature > 0, grad_clip >= 0, warmup_steps >= 0; got lr={self.lr}, "
-                f"temperature={self.temperature}, grad_clip={self.grad_clip}, warmup_steps={self.warmup_steps}"
-            )
+                raise ValueError(f"{caller}: `{name}`={getattr(self, name)!r}: use one of {allowed}")
+        limits = {
+            "responses_per_step": (1, self.responses_per_step),
+            "updates_per_rollout": (1, self.updates_per_rollout),
+            "micro_batch_size": (1, self.micro_batch_size),
+            "total_steps": (1, self.total_steps),
+            "logprob_chunk_size": (1, self.logprob_chunk_size),
+            "grad_clip": (0, self.grad_clip),
+            "warmup_steps": (0, self.warmup_steps),
+            "weight_decay": (0, self.weight_decay),
+        }
+        for name, (low, value) in limits.items():
+            if not value >= low:
+                raise ValueError(f"{caller}: `{name}`={value} must be >= {low}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{caller}: `{name}`={getattr(self, name)} must be > 0")
 
 
 @dataclass

@@ -19,18 +19,19 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cppo_rl.batch import PAD_TOKEN_SLOT, RolloutBatch
+from cppo_rl.config import RolloutConfig, TrainerConfig
 from cppo_rl.rollout.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """vLLM engine settings.
+    """vLLM engine settings; the defaults are the `rollout` section's (cppo_rl.config.RolloutConfig), and
+    `cppo_rl.config.engine_config` builds one from a run's config.
 
     model_path:             HF model directory (or hub name on machines that can reach one)
     dtype:                  "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
@@ -38,6 +39,7 @@ class EngineConfig:
     tensor_parallel_size:   GPUs per engine (1 on CPU)
     gpu_memory_utilization: fraction of GPU memory for weights + KV cache (GPU only)
     cpu_kv_cache_gib:       KV-cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)
+    max_logprobs:           the most top-K logprobs a request may ask for (vLLM refuses more; 20 by default)
     cpu_threads_bind:       VLLM_CPU_OMP_THREADS_BIND: "auto", "nobind", or core ids like "0-1"
     seed:                   engine seed
     enforce_eager:          no CUDA graphs / compilation (faster start; required on CPU here)
@@ -45,33 +47,29 @@ class EngineConfig:
     """
 
     model_path: str
-    dtype: str = "auto"
-    max_model_len: int = 1024
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.6
-    cpu_kv_cache_gib: int = 1
+    dtype: str = RolloutConfig.dtype
+    max_model_len: int = RolloutConfig.max_model_len
+    tensor_parallel_size: int = RolloutConfig.tensor_parallel_size
+    gpu_memory_utilization: float = RolloutConfig.gpu_memory_utilization
+    cpu_kv_cache_gib: int = RolloutConfig.cpu_kv_cache_gib
+    max_logprobs: int = RolloutConfig.top_k_logprobs
     cpu_threads_bind: str = "auto"
-    seed: int = 0
+    seed: int = TrainerConfig.seed
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         caller = "EngineConfig"
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"{caller}: `dtype` must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ValueError(f"{caller}: `dtype`={self.dtype!r}: use auto, float32, bfloat16 or float16")
         for name in ("max_model_len", "tensor_parallel_size", "cpu_kv_cache_gib"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{caller}: `{name}` must be an int >= 1, got {value!r}")
+                raise ValueError(f"{caller}: `{name}`={value!r} must be an int >= 1")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"{caller}: `max_logprobs`={self.max_logprobs!r} must be an int >= 0")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"{caller}: `gpu_memory_utilization` must lie in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if not Path(self.model_path).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ValueError(
-                f"{caller}: `model_path` {self.model_path!r} is not a directory and the hub is offline; "
-                "point it at a saved model directory"
-            )
+            raise ValueError(f"{caller}: `gpu_memory_utilization`={self.gpu_memory_utilization} must lie in (0, 1]")
 
     def engine_environment(self) -> dict[str, str]:
         """Environment variables vLLM reads at start-up for this config."""
@@ -101,6 +99,7 @@ class RolloutEngine:
             max_model_len=config.max_model_len,
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            max_logprobs=config.max_logprobs,
             seed=config.seed,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,

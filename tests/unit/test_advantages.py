@@ -14,6 +14,7 @@ from cppo_rl.algorithms.advantages import (
     count_constant_groups,
     get_advantage,
     grpo_advantages,
+    register_advantage,
     rloo_advantages,
 )
 
@@ -62,10 +63,11 @@ def test_grpo_std_norm_divides_by_the_unbiased_std_plus_eps():
 
 
 @pytest.mark.parametrize("std_norm", [False, True])
-def test_constant_group_and_singleton_group_give_zero(std_norm):
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_constant_group_and_singleton_group_give_zero(name, std_norm):
     rewards = torch.tensor([0.7, 0.7, 0.7, 1.0, 0.0, 1.0, 5.0])
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 2])  # group 2 has one response
-    out = grpo_advantages(rewards, groups, std_norm=std_norm)
+    out = get_advantage(name)(rewards, groups, std_norm=std_norm)
     assert (out[:3] == 0).all()
     assert out[6] == 0
     assert torch.isfinite(out).all()
@@ -78,9 +80,8 @@ def test_all_equal_group_is_exactly_zero(value, size, std_norm):
     rewards = torch.full((size + 2,), value, dtype=torch.float32)
     rewards[-2:] = torch.tensor([0.0, 1.0])  # another, informative group
     groups = torch.tensor([3] * size + [1, 1])
-    out = grpo_advantages(rewards, groups, std_norm=std_norm)
-    assert (out[:size] == 0).all()
-    assert (rloo_advantages(rewards, groups)[:size] == 0).all()
+    assert (grpo_advantages(rewards, groups, std_norm=std_norm)[:size] == 0).all()
+    assert (rloo_advantages(rewards, groups, std_norm=std_norm)[:size] == 0).all()
     assert count_constant_groups(rewards, groups) == 1
 
 
@@ -92,6 +93,10 @@ def test_rloo_formula():
     out = rloo_advantages(rewards, groups)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected)
+    # std_norm divides by the group's unbiased std + eps, as GRPO's: group 5 has std 2.646, group 8 std 0.707
+    std5, std8 = float(torch.tensor([1.0, 2.0, 6.0]).std()), float(torch.tensor([3.0, 4.0]).std())
+    stds = torch.tensor([std5, std5, std5, std8, 1.0, std8]) + 1e-6
+    torch.testing.assert_close(rloo_advantages(rewards, groups, std_norm=True), expected / stds)
 
 
 @settings(derandomize=True, deadline=None, max_examples=60)
@@ -108,6 +113,7 @@ def test_grpo_and_rloo_properties(pairs):
     grpo = grpo_advantages(rewards, groups).double()
     normed = grpo_advantages(rewards, groups, std_norm=True).double()
     rloo = rloo_advantages(rewards, groups).double()
+    rloo_normed = rloo_advantages(rewards, groups, std_norm=True).double()
     for group in groups.unique():
         members = groups == group
         r = rewards[members]
@@ -117,9 +123,10 @@ def test_grpo_and_rloo_properties(pairs):
         assert abs(float(grpo[members].sum())) < 1e-4
         std = float(r.std(unbiased=True)) if n > 1 else 0.0
         torch.testing.assert_close(normed[members], centred / (std + 1e-6), rtol=1e-5, atol=1e-4)
-        # RLOO = n / (n - 1) * (mean-centred advantage); 0 for a group of one
+        # RLOO = n / (n - 1) * GRPO's advantage, with or without std_norm; 0 for a group of one
         scale = n / (n - 1) if n > 1 else 0.0
         torch.testing.assert_close(rloo[members], scale * centred, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(rloo_normed[members], scale * centred / (std + 1e-6), rtol=1e-5, atol=1e-4)
 
 
 def test_count_constant_groups():
@@ -165,8 +172,21 @@ def test_results_do_not_carry_gradient():
 def test_get_advantage_by_name_and_unknown_name():
     assert get_advantage("grpo") is grpo_advantages
     assert get_advantage("rloo") is rloo_advantages
-    assert set(ADVANTAGES) == {"grpo", "rloo"}
-    with pytest.raises(ValueError, match="reinforce_pp") as info:
+    assert ADVANTAGES.names() == ["grpo", "rloo"]
+    with pytest.raises(ValueError, match="unknown advantage estimator 'reinforce_pp'; known: grpo, rloo"):
         get_advantage("reinforce_pp")
-    for name in ADVANTAGES:
-        assert name in str(info.value)
+    with pytest.raises(ValueError, match="advantage estimator 'grpo' is already registered"):
+        register_advantage("grpo")(rloo_advantages)
+    assert get_advantage("grpo") is grpo_advantages
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_every_estimator_takes_the_one_signature(name):
+    """What the trainer calls: `fn(rewards [N], group_index [N], std_norm=...)` -> float32 [N]."""
+    fn = get_advantage(name)
+    plain, normed = fn(REWARDS, GROUPS, std_norm=False), fn(REWARDS, GROUPS, std_norm=True)
+    assert plain.dtype == normed.dtype == torch.float32 and plain.shape == normed.shape == REWARDS.shape
+    torch.testing.assert_close(fn(REWARDS, GROUPS), plain)  # std_norm defaults to off (spec 8.3)
+    # groups 7 (1, 3), -2 (0, 2), 100 (5, 4): unbiased stds sqrt(2), sqrt(2), 1 / sqrt(2)
+    stds = torch.tensor([2**0.5, 2**0.5, 2**0.5, 2**-0.5, 2**0.5, 2**-0.5])
+    torch.testing.assert_close(normed, plain / (stds + 1e-6))

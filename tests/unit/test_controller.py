@@ -41,6 +41,21 @@ def test_rewind_copies_another_runs_history(tmp_path):
     assert rewind_history(tmp_path / "fresh.jsonl", 3) == 0  # nothing to keep: an empty history
 
 
+def test_rewind_drops_a_last_line_cut_short_by_a_crash(tmp_path, capsys):
+    history = tmp_path / "metrics.jsonl"
+    _write(history, [0, 1, 2])
+    with history.open("a") as handle:
+        handle.write('{"step": 3, "x": 4.')  # the run died mid-write: no newline
+    assert rewind_history(history, 5) == 3
+    assert history.read_text() == "".join(json.dumps({"step": s, "x": s * 1.5}) + "\n" for s in (0, 1, 2))
+    assert f"{history}:4: dropped a truncated last line" in capsys.readouterr().out
+    # a bad line anywhere else is refused, by file and line, and the history is left alone
+    history.write_text('{"step": 0}\n{"step": 1, "x"\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+        rewind_history(history, 5)
+    assert history.read_text().count("\n") == 3
+
+
 def _checkpoint(root, step):
     staging_dir(root, step).mkdir(parents=True)
     return finalize(root, step, {"trainer": {"step": step}})
@@ -57,6 +72,9 @@ def test_resume_lookup(tmp_path):
     second = _checkpoint(run / CHECKPOINTS, 4)
     assert find_resume_checkpoint(str(run), tmp_path / "elsewhere") == second  # a run directory
     assert find_resume_checkpoint(str(first), tmp_path / "elsewhere") == first  # one checkpoint
+    with pytest.raises(ConfigError, match="neither never, auto nor an existing checkpoint"):
+        find_resume_checkpoint(str(tmp_path / "missing"), run)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no complete checkpoint there"):
         find_resume_checkpoint(str(tmp_path / "empty"), run)
 

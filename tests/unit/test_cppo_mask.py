@@ -177,6 +177,10 @@ def horizons(width: int):
     return st.one_of(st.none(), st.just("sequence"), st.just(width), st.integers(width, width + 20))
 
 
+CEILINGS = st.one_of(st.sampled_from([2.0, 5.0]), st.floats(1.0, 8.0))
+"""The adaptive budget's ceiling c (spec 8.15): the paper's 2, the authors' later 5, or anything >= 1."""
+
+
 @st.composite
 def cppo_params(draw, width: int, *, adaptive: bool | None = None, ablations: bool = False) -> dict:
     """Keyword arguments of `cppo_mask` (adaptive None: drawn)."""
@@ -191,6 +195,7 @@ def cppo_params(draw, width: int, *, adaptive: bool | None = None, ablations: bo
         params["adaptive_delta_b"] = True
         params["delta_b_quantile"] = draw(st.one_of(st.just(0.9), st.floats(0.0, 1.0)))
         params["delta_b_scale"] = draw(st.one_of(st.just(1.0), st.floats(0.25, 4.0)))
+        params["delta_b_ceiling"] = draw(CEILINGS)
     else:
         params["delta_b"] = draw(st.one_of(st.sampled_from([0.0, 0.015, 0.02]), st.floats(0.0, 0.2)))
     if ablations:
@@ -217,11 +222,13 @@ def reference_weights(length: int, width: int, w_min: float, horizon) -> list[fl
     return [float(np.float32(1.0) - slope * np.float32(t) / denominator) for t in range(length)]
 
 
-def reference_delta_b(valid_d: list[float], delta_b: float, adaptive: bool, quantile: float, scale: float) -> float:
-    """Spec 3.3 / 8.7: clamp(scale * P_q(D_valid), delta_b, 2 delta_b) (linear quantile), empty -> delta_b."""
+def reference_delta_b(
+    valid_d: list[float], delta_b: float, adaptive: bool, quantile: float, scale: float, ceiling: float
+) -> float:
+    """Spec 3.3, 8.7, 8.15: clamp(scale * P_q(D_valid), delta_b, ceiling * delta_b) (linear P_q); empty -> delta_b."""
     if not adaptive or not valid_d:
         return delta_b
-    return min(max(scale * reference_quantile(valid_d, quantile), delta_b), 2 * delta_b)
+    return min(max(scale * reference_quantile(valid_d, quantile), delta_b), ceiling * delta_b)
 
 
 def reference_quantile(values: list[float], q: float) -> float:
@@ -239,6 +246,7 @@ def reference_cppo_mask(
     adaptive_delta_b: bool = False,
     delta_b_quantile: float = 0.9,
     delta_b_scale: float = 1.0,
+    delta_b_ceiling: float = 2.0,
     position_weight: bool = True,
     prefix_budget: bool = True,
 ) -> torch.Tensor:
@@ -248,7 +256,7 @@ def reference_cppo_mask(
         a = batch.a[i, :length].tolist()
         lr = batch.lr[i, :length].tolist()
         w = reference_weights(length, batch.width, w_min, horizon) if position_weight else [1.0] * length
-        rate = reference_delta_b(d, delta_b, adaptive_delta_b, delta_b_quantile, delta_b_scale)
+        rate = reference_delta_b(d, delta_b, adaptive_delta_b, delta_b_quantile, delta_b_scale, delta_b_ceiling)
         s = 0.0  # S_{t-1}
         big_w = 0.0  # W_{t-1}
         for t in range(length):
@@ -305,6 +313,7 @@ def _check_against_oracle(batch: Batch, params: dict) -> None:
             params.get("adaptive_delta_b", False),
             params.get("delta_b_quantile", 0.9),
             params.get("delta_b_scale", 1.0),
+            params.get("delta_b_ceiling", 2.0),
         )
         for i, length in enumerate(batch.lengths)
     ]
@@ -339,6 +348,7 @@ def test_cppo_mask_matches_algorithm1_oracle_near_the_budget(data):
         "w_min": data.draw(st.one_of(st.just(0.8), st.floats(0.05, 1.0))),
         "horizon": data.draw(horizons(batch.width)),
         "adaptive_delta_b": adaptive,
+        "delta_b_ceiling": data.draw(st.sampled_from([2.0, 5.0])),
     }
     _check_against_oracle(batch, params)
 
@@ -371,6 +381,31 @@ def test_per_sequence_delta_b_p90_clamp_padding_and_empty_rows():
     assert_close(got[:, 0], [0.05, 0.05, 0.05, 0.05, 0.1], atol=1e-12)
     got = per_sequence_delta_b(d, batch.valid, delta_b_min=0.01, quantile=0.5)
     assert_close(got[:, 0], [0.02, 0.01, 0.01, 0.01, 0.02], atol=1e-12)
+    # the ceiling is `ceiling * delta_b_min` (spec 8.15): only row 4 reaches it; 1 pins every row to the minimum
+    got = per_sequence_delta_b(d, batch.valid, delta_b_min=0.05, ceiling=5.0)
+    assert_close(got[:, 0], [0.091, 0.05, 0.05, 0.05, 0.25], atol=1e-12)
+    got = per_sequence_delta_b(d, batch.valid, delta_b_min=0.05, ceiling=1.0)
+    assert_close(got[:, 0], [0.05] * 5, atol=0)
+
+
+def test_delta_b_ceiling_two_and_five_give_different_masks():
+    """Spec 8.15 worked example (w = 1, delta 0.15, delta_b_min 0.02, every token away from mu).
+
+    D = (0.14, 0.09, 0.1 x 8): P90 = 0.1 + 0.1 * 0.04 = 0.104, so delta_b = 0.04 at c = 2 (the paper)
+    and 0.1 at c = 5 (the authors' later code). Token 2: 0.09 <= 0.15 + delta_b * 1 - 0.14, i.e.
+    0.05 at c = 2 (masked), 0.11 at c = 5 (kept); token t >= 3 has allowance 0.18 - 0.06 t at c = 2
+    (masked) and 0.12 at c = 5 (kept).
+    """
+    batch = make_batch([[0.14, 0.09] + [0.1] * 8])
+    kw = {"delta": 0.15, "delta_b": 0.02, "w_min": 1.0, "adaptive_delta_b": True}
+    paper = cppo_mask_details(*batch.args, **kw)
+    later = cppo_mask_details(*batch.args, delta_b_ceiling=5.0, **kw)
+    assert paper.delta_b.item() == pytest.approx(0.04) and later.delta_b.item() == pytest.approx(0.1)
+    assert paper.mask[0].tolist() == [True] + [False] * 9
+    assert later.mask[0].tolist() == [True] * 10
+    assert paper.prefix_violation[0].tolist() == [False] + [True] * 9  # the budget, not the token rule
+    for c, result in ((2.0, paper), (5.0, later)):
+        assert_mask_equal(result.mask, reference_cppo_mask(batch, delta_b_ceiling=c, **kw), c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,6 +564,18 @@ def test_adaptive_delta_b_is_not_causal():
     assert torch.equal(cppo_mask(*low.args, **kw)[0, :2], cppo_mask(*high.args, **kw)[0, :2])
 
 
+@_settings(60)
+@given(data=st.data())
+def test_adaptive_delta_b_with_ceiling_one_is_the_fixed_budget(data):
+    """Spec 8.15: c = 1 pins clamp(k P_q(D), delta_b, c delta_b) to delta_b, whatever q and k."""
+    batch = data.draw(batches(div=data.draw(st.sampled_from(["div", "calm"]))))
+    params = data.draw(cppo_params(batch.width, adaptive=True, ablations=True))
+    fixed = {key: value for key, value in params.items() if not key.startswith(("adaptive", "delta_b_"))}
+    pinned = cppo_mask_details(*batch.args, **{**params, "delta_b_ceiling": 1.0})
+    assert (pinned.delta_b == params["delta_b"]).all()
+    assert_mask_equal(pinned.mask, cppo_mask(*batch.args, **fixed), params)
+
+
 @_settings(70)
 @given(data=st.data())
 def test_reduces_to_dppo_with_w_min_one_and_a_budget_that_never_binds(data):
@@ -596,16 +643,19 @@ def test_keep_set_is_not_subset_of_dppo_when_w_min_below_one():
 @_settings(50)
 @given(data=st.data())
 def test_monotone_in_delta_and_delta_b(data):
-    """6.3.8: S and W do not depend on the mask, so raising delta or delta_b never masks a kept token."""
+    """6.3.8: S and W do not depend on the mask, so raising delta, delta_b or the adaptive budget's
+    ceiling (which can only raise the per-sequence delta_b) never masks a kept token."""
     batch = data.draw(batches())
     params = data.draw(cppo_params(batch.width, ablations=True))
     base = cppo_mask(*batch.args, **params)
     bigger_delta = params["delta"] + data.draw(st.one_of(st.just(1e-9), st.floats(0.0, 0.5)))
     bigger_delta_b = params["delta_b"] + data.draw(st.one_of(st.just(1e-9), st.floats(0.0, 0.5)))
+    bigger_ceiling = params.get("delta_b_ceiling", 2.0) + data.draw(st.one_of(st.just(1e-9), st.floats(0.0, 5.0)))
     for changes in (
         {"delta": bigger_delta},
         {"delta_b": bigger_delta_b},
         {"delta": bigger_delta, "delta_b": bigger_delta_b},
+        {"delta_b_ceiling": bigger_ceiling},
     ):
         raised = cppo_mask(*batch.args, **{**params, **changes})
         assert not bool((base & ~raised).any()), (params, changes)
@@ -1046,6 +1096,9 @@ def test_bad_tensors_raise_naming_the_argument(fn, replace, exc, match):
         ({"delta_b_quantile": 1.5}, r"cppo_mask: `delta_b_quantile` must lie in \[0"),
         ({"adaptive_delta_b": True, "delta_b_scale": 0.0}, r"cppo_mask: `delta_b_scale` must be a finite number > 0"),
         ({"adaptive_delta_b": True, "delta_b": 0.0}, r"cppo_mask: `delta_b` must be a finite number > 0"),
+        ({"adaptive_delta_b": True, "delta_b_ceiling": 0.5}, r"cppo_mask: `delta_b_ceiling` must lie in \[1"),
+        ({"delta_b_ceiling": 0.0}, r"cppo_mask: `delta_b_ceiling` must lie in \[1"),
+        ({"delta_b_ceiling": NAN}, r"cppo_mask: `delta_b_ceiling` must lie in \[1"),
     ],
 )
 def test_bad_hyperparameters_raise_naming_the_argument(kwargs, match):
@@ -1060,6 +1113,7 @@ def test_bad_hyperparameters_raise_naming_the_argument(kwargs, match):
         ({"quantile": 1.5}, r"per_sequence_delta_b: `quantile`"),
         ({"delta_b_min": 0.0}, r"per_sequence_delta_b: `delta_b_min`"),
         ({"scale": -1.0}, r"per_sequence_delta_b: `scale`"),
+        ({"ceiling": 0.99}, r"per_sequence_delta_b: `ceiling` must lie in \[1"),
     ],
 )
 def test_per_sequence_delta_b_bad_arguments(kwargs, match):

@@ -3,6 +3,10 @@
 algorithm_spec.md sections 3.2 item 6, 4, 6.3 items 10-12 and 8. Gradients are checked against
 the analytic form of each loss: the mask family (cppo*, dppo, trm_*) minimises
 `-A sg(min(rho, C)) log pi M`, so d loss / d logprob_t = -A_t min(rho_t, C) M_t / normaliser.
+
+The hand examples and analytic-form tests are about each loss's per-token form, so they name
+their aggregation (`TOKEN_MEAN`, normaliser = valid tokens) instead of relying on the default,
+which is the production run's `seq-mean-token-sum-norm` (spec decision 8.5).
 """
 
 from __future__ import annotations
@@ -29,16 +33,21 @@ from cppo_rl.algorithms.masks import (
 )
 from cppo_rl.algorithms.policy_losses import (
     METHOD_DEFAULTS,
+    POLICY_LOSSES,
     PolicyLossConfig,
     PolicyLossInputs,
     PolicyLossOutput,
     default_config,
+    get_policy_loss,
+    register_policy_loss,
 )
-from cppo_rl.algorithms.registry import POLICY_LOSSES, get_policy_loss, register_policy_loss
+from cppo_rl.algorithms.registry import Registry
 
 CPPO_FAMILY = ("cppo", "cppo_no_position_weight", "cppo_no_prefix_budget", "cppo_shuffled_weights", "cppo_soft")
 MASK_FAMILY = (*CPPO_FAMILY, "dppo", "trm_max", "trm_avg", "trm_both")
 ALL_LOSSES = (*MASK_FAMILY, "grpo", "cispo", "minpro")
+DEFAULT_AGG_MODE = "seq-mean-token-sum-norm"  # PolicyLossConfig's default = the production run's (spec 8.5)
+TOKEN_MEAN = {"loss_agg_mode": "token-mean"}  # the per-token examples below state their aggregation
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -115,7 +124,15 @@ def divergence_of(inputs: PolicyLossInputs, config: PolicyLossConfig) -> torch.T
 
 
 def token_mean_scale(inputs: PolicyLossInputs) -> float:
+    """1 / N_tokens: the per-token gradient factor of `token-mean`."""
     return 1.0 / max(int(inputs.response_mask.sum()), 1)
+
+
+def token_sum_norm_scale(inputs: PolicyLossInputs, horizon: int | None = None) -> float:
+    """1 / (N_seqs * horizon): the per-token gradient factor of `seq-mean-token-sum-norm`;
+    N_seqs counts responses with >= 1 valid token, horizon defaults to the padded width."""
+    sequences = max(int(inputs.response_mask.any(dim=-1).sum()), 1)
+    return 1.0 / (sequences * (horizon if horizon is not None else inputs.response_mask.shape[-1]))
 
 
 def assert_grad(grad: torch.Tensor, expected, atol: float = 1e-12, rtol: float = 1e-9) -> None:
@@ -129,9 +146,28 @@ def assert_grad(grad: torch.Tensor, expected, atol: float = 1e-12, rtol: float =
 
 
 def test_registry_holds_every_method():
-    assert set(POLICY_LOSSES) == set(ALL_LOSSES)
+    assert POLICY_LOSSES.names() == sorted(ALL_LOSSES) == list(POLICY_LOSSES)
     for name in ALL_LOSSES:
-        assert get_policy_loss(name) is POLICY_LOSSES[name]
+        assert name in POLICY_LOSSES
+        assert get_policy_loss(name) is POLICY_LOSSES.get(name)
+        assert get_policy_loss(name).__name__ == f"{name}_loss"
+    assert "ppo_kl" not in POLICY_LOSSES
+
+
+def test_registry_registers_once_lists_sorted_names_and_refuses_unknown_ones():
+    registry = Registry("widget")
+
+    @registry.register("b")
+    def b_widget():
+        pass
+
+    assert registry.register("a")(len) is len  # the decorator hands the function back
+    assert registry.names() == ["a", "b"] and registry.get("b") is b_widget
+    with pytest.raises(ValueError, match=r"widget 'a' is already registered \(by len\)"):
+        registry.register("a")(abs)
+    assert registry.get("a") is len
+    with pytest.raises(ValueError, match=r"unknown widget 'c'; known: a, b$"):
+        registry.get("c")
 
 
 def test_unknown_loss_name_lists_known_names():
@@ -144,19 +180,26 @@ def test_unknown_loss_name_lists_known_names():
 
 
 def test_registering_a_name_twice_fails_and_keeps_the_first():
-    before = POLICY_LOSSES["cppo"]
+    before = get_policy_loss("cppo")
     with pytest.raises(ValueError, match="cppo"):
         register_policy_loss("cppo")(lambda *args: None)
-    assert POLICY_LOSSES["cppo"] is before
+    assert get_policy_loss("cppo") is before
 
 
 def test_default_configs():
     assert default_config("cppo") == PolicyLossConfig()
     cfg = PolicyLossConfig()
+    # spec 8.5: the core's default aggregation is the production run's, for every method
+    assert cfg.loss_agg_mode == DEFAULT_AGG_MODE == "seq-mean-token-sum-norm"
+    assert cfg.horizon is None
+    for name in ALL_LOSSES:
+        assert default_config(name).loss_agg_mode == DEFAULT_AGG_MODE, name
+    assert default_config("grpo", **TOKEN_MEAN).loss_agg_mode == "token-mean"
     assert (cfg.delta, cfg.delta_b, cfg.w_min, cfg.is_cap) == (0.15, 0.02, 0.8, 20.0)
     assert (cfg.clip_low, cfg.clip_high, cfg.cispo_eps_low, cfg.cispo_eps_high) == (0.2, 0.28, 10.0, 0.2)
     assert (cfg.minpro_eps_low, cfg.minpro_eps_high) == (0.2, 0.28)
     assert cfg.divergence == "topk_tv" and not cfg.adaptive_delta_b and not cfg.soft_gate
+    assert (cfg.delta_b_quantile, cfg.delta_b_scale, cfg.delta_b_ceiling) == (0.9, 1.0, 2.0)  # spec 3.3, 8.15
     for name in ("trm_max", "trm_avg", "trm_both"):
         assert default_config(name).divergence == "topk_kl"
     assert (default_config("trm_max").trm_max_delta, default_config("trm_avg").trm_avg_delta) == (0.05, 0.001)
@@ -196,6 +239,8 @@ def test_default_configs():
         ("trm_avg_delta", -1.0),
         ("delta_b_quantile", 1.5),
         ("delta_b_scale", 0.0),
+        ("delta_b_ceiling", 0.5),
+        ("delta_b_ceiling", math.nan),
     ],
 )
 def test_config_bad_values_raise_naming_the_field(field, value):
@@ -303,7 +348,7 @@ ONE_PAD = [[True, True, True, True, False]]
 @pytest.mark.parametrize(("is_cap", "t3_weight"), [(20.0, 10.0), (4.0, 4.0), (1.0, 1.0)])
 def test_dppo_gradient_hand_example_with_is_cap(is_cap, t3_weight):
     inputs = hand_inputs(DPPO_MU, DPPO_PI, DPPO_ADV, ONE_PAD)
-    config = default_config("dppo", divergence="binary_tv", is_cap=is_cap)
+    config = default_config("dppo", divergence="binary_tv", is_cap=is_cap, **TOKEN_MEAN)
     out, grad = run_loss("dppo", inputs, config)
     t1_weight = min(1.2, is_cap)
     t4_weight = min(0.75, is_cap)
@@ -352,7 +397,7 @@ def test_grpo_gradient_hand_example():
     adv = [[1.0, 1.0, 1.0, -1.0, -1.0, 3.0]]
     mask = [[True] * 5 + [False]]
     inputs = hand_inputs(mu, pi, adv, mask)
-    out, grad = run_loss("grpo", inputs, default_config("grpo"))
+    out, grad = run_loss("grpo", inputs, default_config("grpo", **TOKEN_MEAN))
     assert_grad(grad, [[-1.1 / 5, 0.0, -0.5 / 5, 0.0, 1.5 / 5, 0.0]])
     # token losses max(-A rho, -A clip(rho, .8, 1.28)): -1.1, -1.28, -0.5, 0.8, 1.5
     assert out.loss.item() == pytest.approx((-1.1 - 1.28 - 0.5 + 0.8 + 1.5) / 5, rel=1e-9)
@@ -365,7 +410,7 @@ def test_cispo_gradient_hand_example():
     pi = [[0.75, 0.005, 0.55, 0.65, 0.1]]
     adv = [[1.0, 1.0, -2.0, -1.0, 7.0]]
     inputs = hand_inputs(mu, pi, adv, ONE_PAD)
-    out, grad = run_loss("cispo", inputs, default_config("cispo"))
+    out, grad = run_loss("cispo", inputs, default_config("cispo", **TOKEN_MEAN))
     assert_grad(grad, [[-1.2 / 4, -0.01 / 4, 2.2 / 4, 1.2 / 4, 0.0]])
     assert out.keep.tolist() == [[1.0] * 5]  # nothing masked
     assert out.metrics["masked_frac"].item() == 0.0
@@ -377,11 +422,21 @@ def test_minpro_gradient_hand_example():
     pi = [[0.55, 0.35, 0.75, 0.65, 0.01]]
     adv = [[1.0, 1.0, 1.0, -1.0, 2.0]]
     inputs = hand_inputs(mu, pi, adv, ONE_PAD)
-    _, grad = run_loss("minpro", inputs, default_config("minpro"))
+    _, grad = run_loss("minpro", inputs, default_config("minpro", **TOKEN_MEAN))
     assert_grad(grad, [[-1.1 / 4, -0.8 / 4, -1.05 / 4, 0.91 / 4, 0.0]])
 
 
-def test_trm_rejected_sequence_contributes_zero_but_counts_in_normaliser():
+# The rejected row 1 adds nothing to the sum but still counts in the normaliser:
+#   token-mean (explicit):              N = N_tokens = 3 + 2 = 5
+#   seq-mean-token-sum-norm (default):  N = N_seqs * horizon = 2 * 3 = 6 (horizon: the padded width,
+#                                       as config.horizon is None and the normaliser names none)
+#   seq-mean-token-sum-norm, horizon 8: N = 2 * 8 = 16 (config.horizon, an int, is the constant)
+@pytest.mark.parametrize(
+    ("agg", "normaliser_count"),
+    [(TOKEN_MEAN, 5), ({}, 6), ({"loss_agg_mode": DEFAULT_AGG_MODE, "horizon": 8}, 16)],
+    ids=["token-mean", "default", "default-horizon-8"],
+)
+def test_trm_rejected_sequence_contributes_zero_but_counts_in_normaliser(agg, normaliser_count):
     # binary TV; row 0: D = .02, .01, 0 (max .02, mean .01); row 1: D = .02, .2 (max .2, mean .11)
     mu = [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
     pi = [[0.52, 0.49, 0.5], [0.52, 0.7, 0.3]]
@@ -389,7 +444,8 @@ def test_trm_rejected_sequence_contributes_zero_but_counts_in_normaliser():
     mask = [[True, True, True], [True, True, False]]
     log_pi_row0 = [math.log(p) for p in pi[0]]
     rho_row0 = [1.04, 0.98, 1.0]
-    expected_loss = sum(-1.0 * r * lp for r, lp in zip(rho_row0, log_pi_row0, strict=True)) / 5  # N = 5
+    n = normaliser_count
+    expected_loss = sum(-1.0 * r * lp for r, lp in zip(rho_row0, log_pi_row0, strict=True)) / n
     cases = {
         "trm_max": {"trm_max_delta": 0.05},
         "trm_avg": {"trm_avg_delta": 0.015},
@@ -397,9 +453,11 @@ def test_trm_rejected_sequence_contributes_zero_but_counts_in_normaliser():
     }
     for name, thresholds in cases.items():
         inputs = hand_inputs(mu, pi, adv, mask)
-        out, grad = run_loss(name, inputs, default_config(name, divergence="binary_tv", **thresholds))
+        config = default_config(name, divergence="binary_tv", **thresholds, **agg)
+        assert config.loss_agg_mode == ("token-mean" if agg is TOKEN_MEAN else DEFAULT_AGG_MODE)
+        out, grad = run_loss(name, inputs, config)
         assert out.loss.item() == pytest.approx(expected_loss, rel=1e-9), name
-        assert_grad(grad, [[-r / 5 for r in rho_row0], [0.0, 0.0, 0.0]])
+        assert_grad(grad, [[-r / n for r in rho_row0], [0.0, 0.0, 0.0]])
         assert out.keep.tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
         assert out.metrics["rejected_sequence_frac"].item() == pytest.approx(0.5)
         assert out.metrics["masked_frac"].item() == pytest.approx(2 / 5)
@@ -421,8 +479,10 @@ def test_trm_avg_row_with_only_small_divergences_passes_with_max_failing_alone()
 # ----------------------------------------------------------------------------------------------
 
 
-def analytic_grad(name: str, inputs: PolicyLossInputs, config: PolicyLossConfig, keep: torch.Tensor) -> torch.Tensor:
-    """d loss / d logprobs for token-mean aggregation."""
+def analytic_grad(
+    name: str, inputs: PolicyLossInputs, config: PolicyLossConfig, keep: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """d loss / d logprobs: the per-token factor times `scale` (default: token-mean's 1 / N_tokens)."""
     a, valid = inputs.advantages, inputs.response_mask
     log_ratio = log_ratio_of(inputs, config)
     rho = log_ratio.exp()
@@ -435,14 +495,15 @@ def analytic_grad(name: str, inputs: PolicyLossInputs, config: PolicyLossConfig,
         factor = rho.clamp(max=1 + config.cispo_eps_high)  # lower clamp 1 - 10 < 0 never binds
     else:  # minpro, weights checked by hand elsewhere
         factor = minpro_weights(log_ratio, valid)
-    return torch.where(valid, -a * factor * token_mean_scale(inputs), torch.zeros((), dtype=rho.dtype))
+    scale = token_mean_scale(inputs) if scale is None else scale
+    return torch.where(valid, -a * factor * scale, torch.zeros((), dtype=rho.dtype))
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gradient_equals_analytic_form(name, seed):
     inputs = random_inputs(seed, seq_adv=seed != 1)
-    config = default_config(name, is_cap=2.0)  # a small cap so truncation is exercised
+    config = default_config(name, is_cap=2.0, **TOKEN_MEAN)  # a small cap so truncation is exercised
     out, grad = run_loss(name, inputs, config)
     # out.keep is float32; a soft gate's value is rounded there (the loss used the float64 gate)
     rtol = 1e-6 if name == "cppo_soft" else 1e-9
@@ -459,10 +520,27 @@ def test_gradient_equals_analytic_form(name, seed):
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_float32_inputs_give_float32_loss_and_the_analytic_gradient(name):
     inputs = random_inputs(11, dtype=torch.float32)
-    config = default_config(name, is_cap=2.0)
+    config = default_config(name, is_cap=2.0, **TOKEN_MEAN)
     out, grad = run_loss(name, inputs, config)
     assert out.loss.dtype == torch.float32 and grad.dtype == torch.float32
     torch.testing.assert_close(grad, analytic_grad(name, inputs, config, out.keep), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("horizon", [None, 12])
+def test_default_aggregation_gives_the_analytic_gradient_over_seqs_times_horizon(name, horizon):
+    """Under the default `seq-mean-token-sum-norm`, every token's gradient is its per-token factor
+    over N_seqs * horizon (config.horizon when an int, else the padded width), not over N_tokens."""
+    inputs = random_inputs(12)
+    config = default_config(name, is_cap=2.0, horizon=horizon)
+    assert config.loss_agg_mode == DEFAULT_AGG_MODE
+    out, grad = run_loss(name, inputs, config)
+    scale = token_sum_norm_scale(inputs, horizon)
+    assert scale != token_mean_scale(inputs)  # the two aggregations differ on these inputs
+    rtol = 1e-6 if name == "cppo_soft" else 1e-9
+    assert_grad(grad, analytic_grad(name, inputs, config, out.keep, scale), atol=1e-9 * rtol, rtol=rtol)
+    expected_loss = out.token_losses.sum() * scale
+    assert out.loss.item() == pytest.approx(expected_loss.item(), rel=1e-9, abs=1e-12)
 
 
 def test_random_inputs_exercise_masking_and_truncation():
@@ -539,10 +617,11 @@ def test_non_finite_padding_gets_zero_gradient(name, junk):
     st.sampled_from([0.5, 0.8, 1.0]),
     st.sampled_from([None, "sequence", 12]),
     st.booleans(),
+    st.sampled_from([2.0, 5.0]),
     st.booleans(),
     st.booleans(),
 )
-def test_cppo_keep_equals_cppo_mask(seed, divergence, delta, delta_b, w_min, horizon, adaptive, pos_w, prefix):
+def test_cppo_keep_equals_cppo_mask(seed, divergence, delta, delta_b, w_min, horizon, adaptive, ceiling, pos_w, prefix):
     if adaptive and delta_b == 0.0:
         delta_b = 0.01
     inputs = random_inputs(seed, dtype=torch.float32)
@@ -553,6 +632,7 @@ def test_cppo_keep_equals_cppo_mask(seed, divergence, delta, delta_b, w_min, hor
         w_min=w_min,
         horizon=horizon,
         adaptive_delta_b=adaptive,
+        delta_b_ceiling=ceiling,
         position_weight=pos_w,
         prefix_budget=prefix,
     )
@@ -567,11 +647,21 @@ def test_cppo_keep_equals_cppo_mask(seed, divergence, delta, delta_b, w_min, hor
         w_min=w_min,
         horizon=horizon,
         adaptive_delta_b=adaptive,
+        delta_b_ceiling=ceiling,
         position_weight=pos_w,
         prefix_budget=prefix,
     )
     assert out.keep.dtype == torch.float32
     assert torch.equal(out.keep.bool(), expected)
+
+
+def test_cppo_loss_applies_the_delta_b_ceiling():
+    """Spec 8.15: the config's ceiling reaches the adaptive budget; c = 5 keeps a token c = 2 masks here."""
+    inputs = random_inputs(0)
+    config = PolicyLossConfig(adaptive_delta_b=True, delta_b=0.02)
+    paper, later = (get_policy_loss("cppo")(inputs, config.replace(delta_b_ceiling=c)) for c in (2.0, 5.0))
+    assert paper.metrics["delta_b_mean"] <= 0.04 + 1e-7 < later.metrics["delta_b_mean"]
+    assert bool((paper.keep <= later.keep).all()) and paper.keep.sum() < later.keep.sum()
 
 
 def _hand_weights(width: int, w_min: float) -> torch.Tensor:
@@ -651,7 +741,7 @@ def test_shuffled_weights_name_forces_its_switches():
 @pytest.mark.parametrize("name", ["cppo_soft", "cppo"])
 def test_soft_gate_multiplies_the_loss_by_the_gate(name):
     inputs = random_inputs(8)
-    config = PolicyLossConfig(soft_gate=name == "cppo", delta=0.1, is_cap=3.0)  # cppo_soft forces it on
+    config = PolicyLossConfig(soft_gate=name == "cppo", delta=0.1, is_cap=3.0, **TOKEN_MEAN)  # cppo_soft forces it on
     out, grad = run_loss(name, inputs, config)
     valid = inputs.response_mask
     gate = cppo_soft_mask(

@@ -106,6 +106,26 @@ def test_bad_histories_name_the_file_and_line(tmp_path):
         report.load_history(tmp_path)
 
 
+def test_a_last_line_cut_short_by_a_crash_is_skipped_with_a_note(tmp_path):
+    complete = "".join(json.dumps(r) + "\n" for r in _history(steps=3))
+    (tmp_path / "metrics.jsonl").write_text(complete + '{"step": 4, "train/rew')  # died mid-write: no newline
+    notes = []
+    assert report.load_history(tmp_path, log=notes.append) == _history(steps=3)
+    assert notes == [f"{tmp_path}/metrics.jsonl:5: skipped a truncated last line (the run stopped mid-write)"]
+    # a bad line before it is still refused, by its own line number
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1,\n{"step": 2}\n{"step": 3, "x"')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+        report.load_history(tmp_path, log=notes.append)
+    # a complete (newline-terminated) bad last line was written whole: not a crash, refused
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "x"\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+        report.load_history(tmp_path, log=notes.append)
+    # a last record complete but for its newline is kept
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}')
+    assert [r["step"] for r in report.load_history(tmp_path, log=notes.append)] == [0, 1]
+    assert len(notes) == 1
+
+
 def test_the_command_line_prints_the_paths_or_the_error(tmp_path):
     _write(tmp_path / "run", _history(steps=3))
     command = [sys.executable, "-m", "cppo_rl.report"]
@@ -114,3 +134,9 @@ def test_the_command_line_prints_the_paths_or_the_error(tmp_path):
     assert done.stdout.split() == [str(tmp_path / "run" / "report" / name) for name in report.CHARTS]
     failed = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True)
     assert failed.returncode == 1 and f"{tmp_path}/metrics.jsonl: no such file" in failed.stderr
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as history:
+        history.write('{"step": 4, "train/re')
+    done = subprocess.run([*command, str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "run" / "report" / name) for name in report.CHARTS]
+    assert f"{tmp_path}/run/metrics.jsonl:5: skipped a truncated last line" in done.stderr
