@@ -185,6 +185,9 @@ def test_a_run_logs_syncs_checkpoints_and_summarises(full_run):
 
     checkpoint = Path(summary["checkpoint"])
     assert (checkpoint / "complete.json").is_file()
+    from cppo_rl.learner.checkpoint import verify
+
+    assert verify(checkpoint) == []  # the preflight's resume check accepts what the learner writes
     from safetensors.torch import load_file
 
     trained, start = _weights(checkpoint), load_file(full_run / "tiny_model" / "model.safetensors")
