@@ -14,11 +14,12 @@ a crash mid-write (no final newline, not JSON); any other bad line is refused, n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to manage
+
+from cppo_rl.controller.tracker import read_history
 
 DECILES = range(10)
 PHASES = ("generate", "reward", "learner", "sync")
@@ -45,19 +46,8 @@ def load_history(run_dir: Path, log=_note) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no such file; is {run_dir} a cppo_rl run directory?")
-    text = path.read_text()
-    lines = text.splitlines()
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines) and not text.endswith("\n"):
-                log(f"{path}:{number}: skipped a truncated last line (the run stopped mid-write)")
-                break
-            raise ValueError(f"{path}:{number}: not JSON: {error}") from None
+    for number, _, record in read_history(path, log):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path}:{number}: each line must be an object with an integer 'step'")
         records.append(record)

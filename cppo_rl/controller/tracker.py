@@ -22,28 +22,31 @@ def wandb_mode(requested: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def rewind_history(path: Path, last_step: int, source: Path | None = None) -> int:
-    """Keep only the records of `path` (or of `source`, copied to `path`) with step <= `last_step`:
-    what a run resumed from checkpoint `last_step` must not repeat. Returns the records kept.
-
-    A last line cut short by a crash (no final newline, not JSON) is dropped with a warning, as
-    `python -m cppo_rl.report` does; any other line that is not JSON raises a ValueError naming `file:line`."""
-    source = source or path
-    text = source.read_text() if source.is_file() else ""
+def read_history(path: Path, log=lambda note: print(f"warning: {note}")) -> list[tuple[int, str, dict]]:
+    """The (line number, line, record) of each record of a jsonl history, in order. A last line cut short
+    by a crash (no final newline, not JSON) is dropped with a note to `log`; any other line that is not
+    JSON raises a ValueError naming `file:line`."""
+    text = path.read_text() if path.is_file() else ""
     lines = text.splitlines()
-    kept = []
+    records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            step = json.loads(line)["step"]
+            records.append((number, line, json.loads(line)))
         except json.JSONDecodeError as error:
             if number == len(lines) and not text.endswith("\n"):
-                print(f"warning: {source}:{number}: dropped a truncated last line (the run stopped mid-write)")
+                log(f"{path}:{number}: skipped a truncated last line (the run stopped mid-write)")
                 break
-            raise ValueError(f"{source}:{number}: not JSON: {error}") from None
-        if step <= last_step:
-            kept.append(line)
+            raise ValueError(f"{path}:{number}: not JSON: {error}") from None
+    return records
+
+
+def rewind_history(path: Path, last_step: int, source: Path | None = None) -> int:
+    """Keep only the records of `path` (or of `source`, copied to `path`) with step <= `last_step`:
+    what a run resumed from checkpoint `last_step` must not repeat (`read_history` reads it). Returns the
+    records kept."""
+    kept = [line for _, line, record in read_history(source or path) if record["step"] <= last_step]
     path.write_text("".join(line + "\n" for line in kept))
     return len(kept)
 

@@ -48,7 +48,7 @@ def test_rewind_drops_a_last_line_cut_short_by_a_crash(tmp_path, capsys):
         handle.write('{"step": 3, "x": 4.')  # the run died mid-write: no newline
     assert rewind_history(history, 5) == 3
     assert history.read_text() == "".join(json.dumps({"step": s, "x": s * 1.5}) + "\n" for s in (0, 1, 2))
-    assert f"{history}:4: dropped a truncated last line" in capsys.readouterr().out
+    assert f"{history}:4: skipped a truncated last line" in capsys.readouterr().out
     # a bad line anywhere else is refused, by file and line, and the history is left alone
     history.write_text('{"step": 0}\n{"step": 1, "x"\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
