@@ -361,7 +361,7 @@ def validate(config: TrainConfig) -> None:
         try:
             builder()
         except ConfigError as error:
-            problems.append(str(error))
+            problems += str(error).splitlines()
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

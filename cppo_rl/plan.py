@@ -502,7 +502,7 @@ def plan_config(config: object) -> Plan:
         layout,
         micro_batch_size=lrn.micro_batch_size,
         seq_len=r.max_model_len,
-        concurrency=math.ceil(t.prompts_per_step * t.samples_per_prompt / r.num_engines),
+        concurrency=math.ceil(t.responses_per_step / r.num_engines),
         gradient_checkpointing=lrn.gradient_checkpointing,
         logprob_chunk_size=lrn.logprob_chunk_size,
         zero_stage=lrn.zero_stage,

@@ -92,7 +92,6 @@ class LearnerConfig(LearnerSettings):
         return steps
 
     def __post_init__(self) -> None:
-        caller = "LearnerConfig"
         choices = {
             "backend": ("auto", "gloo", "nccl"),
             "dtype": ("auto", "float32", "bfloat16"),
@@ -101,10 +100,12 @@ class LearnerConfig(LearnerSettings):
             "anchor": ("rollout", "recompute"),
             "zero_stage": (0, 1, 2, 3),
         }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{caller}: `{name}`={getattr(self, name)!r}: use one of {allowed}")
-        limits = {
+        problems = [
+            f"`{name}`={getattr(self, name)!r}: use one of {allowed}"
+            for name, allowed in choices.items()
+            if getattr(self, name) not in allowed
+        ]
+        at_least = {
             "responses_per_step": (1, self.responses_per_step),
             "updates_per_rollout": (1, self.updates_per_rollout),
             "micro_batch_size": (1, self.micro_batch_size),
@@ -114,12 +115,16 @@ class LearnerConfig(LearnerSettings):
             "warmup_steps": (0, self.warmup_steps),
             "weight_decay": (0, self.weight_decay),
         }
-        for name, (low, value) in limits.items():
-            if not value >= low:
-                raise ValueError(f"{caller}: `{name}`={value} must be >= {low}")
-        for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{caller}: `{name}`={getattr(self, name)} must be > 0")
+        problems += [
+            f"`{name}`={value} must be >= {low}" for name, (low, value) in at_least.items() if not value >= low
+        ]
+        problems += [
+            f"`{name}`={getattr(self, name)} must be > 0"
+            for name in ("lr", "temperature")
+            if not getattr(self, name) > 0
+        ]
+        if problems:
+            raise ValueError("LearnerConfig: " + "\n".join(problems))  # one problem a line
 
 
 @dataclass
