@@ -99,7 +99,7 @@ class RolloutEngine:
             max_model_len=config.max_model_len,
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
-            max_logprobs=config.max_logprobs,
+            max_logprobs=config.max_logprobs,  # EngineArgs.max_logprobs (vllm/engine/arg_utils.py, 0.32): 20 if unset
             seed=config.seed,
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
