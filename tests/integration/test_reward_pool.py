@@ -1,8 +1,10 @@
 """The reward pool with real spawned workers: order, hostile outputs, crashes, hangs, memory limit, shutdown."""
 
+import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +47,15 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _exited(pid: int) -> bool:
+    """True once `pid` has exited, reaped or not (a zombie still answers os.kill(pid, 0))."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def _assert_healthy(pool: RewardPool) -> None:
@@ -109,6 +120,31 @@ def test_hung_worker_hits_the_deadline_and_is_replaced(pool):
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 2.0
     _wait_for(lambda: pool.stats.restarts == before.restarts + 1)
     assert pool.stats.timeouts == before.timeouts + 1
+    _assert_healthy(pool)
+
+
+def test_a_worker_killed_while_idle_is_replaced(pool):
+    _wait_for(lambda: len(pool.worker_pids) == pool.num_workers)
+    victim = pool.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)  # as the OOM killer would, between samples
+    _wait_for(lambda: _exited(victim))
+    _assert_healthy(pool)  # no sample is lost to the dead worker
+    assert victim not in pool.worker_pids and not _alive(victim)
+
+
+def test_workers_killed_mid_batch_cost_only_their_own_samples(pool):
+    _wait_for(lambda: len(pool.worker_pids) == pool.num_workers)
+    handle = pool.submit(["\\boxed{1}"] * 2000, ["1"] * 2000)
+    kills = 0
+    for _ in range(2):  # from outside, at any point of a worker's loop (grading, receiving, sending)
+        time.sleep(0.3)
+        if not handle.done() and pool.worker_pids:
+            with contextlib.suppress(ProcessLookupError):  # reaped since it was listed
+                os.kill(pool.worker_pids[-1], signal.SIGKILL)
+            kills += 1
+    reasons = [o.reason for o in handle.result(timeout=60)]
+    assert set(reasons) <= {"correct", "crashed"}
+    assert reasons.count("crashed") <= kills
     _assert_healthy(pool)
 
 
