@@ -21,6 +21,7 @@ from typing import Any
 from cppo_rl.algorithms.policy_losses import PolicyLossConfig as _Loss
 from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
 from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE
+from cppo_rl.rewards import pool
 
 
 @dataclass
@@ -140,10 +141,10 @@ class RewardConfig:
     """`grader`: "module:function", called as grader(response_text, gold) -> RewardOutcome in the pool's
     worker processes (each with `memory_limit_mb` MiB and a `timeout_s` deadline per sample)."""
 
-    grader: str = "cppo_rl.rewards.math_grader:grade_boxed"
-    num_workers: int = 1
-    timeout_s: float = 10.0
-    memory_limit_mb: int = 2048
+    grader: str = pool.DEFAULT_GRADER
+    num_workers: int = pool.DEFAULT_NUM_WORKERS
+    timeout_s: float = pool.DEFAULT_TIMEOUT_S
+    memory_limit_mb: int = pool.DEFAULT_MEMORY_LIMIT_MB
 
 
 @dataclass

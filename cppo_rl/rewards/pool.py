@@ -29,7 +29,11 @@ from cppo_rl.rewards.base import Grader, RewardOutcome, as_text, check_gold
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GRADER = "cppo_rl.rewards.math_grader:grade"
+# The defaults of a pool, and of a run's `reward` config section (cppo_rl.config.RewardConfig takes them)
+DEFAULT_GRADER = "cppo_rl.rewards.math_grader:grade_boxed"  # math-verify on the last \boxed{} answer
+DEFAULT_NUM_WORKERS = 1
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MEMORY_LIMIT_MB = 2048
 _READY = "ready"
 
 
@@ -118,9 +122,9 @@ class RewardPool:
 
     def __init__(
         self,
-        num_workers: int = 2,
-        timeout_s: float = 10.0,
-        memory_limit_mb: int | None = 2048,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
         grader: Grader | str = DEFAULT_GRADER,
         start_timeout_s: float = 60.0,
     ) -> None:
