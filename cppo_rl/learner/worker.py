@@ -294,7 +294,10 @@ class LearnerWorker:
         for update in range(self.config.updates_per_rollout):
             minibatch = batch.select(range(update * size, (update + 1) * size))
             tokens, sequences = local_counts(minibatch.response_mask)
-            normaliser = LossNormaliser(num_tokens=tokens, num_sequences=sequences)
+            # seq-mean-token-sum-norm's horizon: the loss config's constant, else the mini-batch's padded width
+            # (one width for every micro-batch and rank: micro-batches are trimmed to their own longest response)
+            width = None if isinstance(self.loss_config.horizon, int) else minibatch.response_mask.shape[1]
+            normaliser = LossNormaliser(num_tokens=tokens, num_sequences=sequences, horizon=width)
             mine = minibatch.select(range(self.rank * share, (self.rank + 1) * share))
             shards.append(_Shard(batch=mine, normaliser=normaliser, first=update == 0))
         return shards

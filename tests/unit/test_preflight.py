@@ -17,9 +17,14 @@ from cppo_rl import train
 HEAVY = ("vllm", "deepspeed")  # and Ray is not started (importing its module starts nothing)
 
 
+def _ray_started() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def refuse(monkeypatch, capsys, tmp_path: Path, *overrides: str) -> str:
     """Run the CLI in-process with `overrides`; assert it refused before anything started; return stderr."""
     heavy_before = {name for name in HEAVY if name in sys.modules}
+    ray_before = _ray_started()  # the session's integration tests may have a cluster up already
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as `make` sets it: no hub here
     monkeypatch.setattr(sys, "argv", ["cppo_rl.train", *overrides, f"trainer.output_dir={tmp_path / 'runs'}"])
     with pytest.raises(SystemExit) as exit_info:
@@ -27,7 +32,7 @@ def refuse(monkeypatch, capsys, tmp_path: Path, *overrides: str) -> str:
     assert exit_info.value.code == 2
     assert not (tmp_path / "runs").exists(), "a refused run left a run directory"
     assert {name for name in HEAVY if name in sys.modules} == heavy_before, "a refusal imported vLLM/DeepSpeed"
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "a refusal started Ray"
+    assert _ray_started() == ray_before, "a refusal started Ray"
     err = capsys.readouterr().err
     assert "refused, nothing was started" in err and "Traceback" not in err
     return err
