@@ -348,6 +348,13 @@ CHOICES = {
 def validate(config: TrainConfig) -> None:
     """Every check of the config alone (no file but the grader's module is read); raises ConfigError
     listing every problem found."""
+    problems = config_problems(config)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def config_problems(config: TrainConfig) -> list[str]:
+    """What `validate` refuses, one message per problem (none repeated)."""
     from cppo_rl.algorithms import ADVANTAGES
 
     problems = _range_problems(config)
@@ -423,8 +430,7 @@ def validate(config: TrainConfig) -> None:
         problems.append(f"reward.grader={config.reward.grader!r}: {grader_problem}")
     if not config.model.path:
         problems.append("model.path is empty; set model.path=<an HF model directory or hub name>")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
+    return list(dict.fromkeys(problems))
 
 
 def _range_problems(config: TrainConfig) -> list[str]:

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from cppo_rl.config import ConfigError, TrainConfig, config_keys, name_user_keys, validate
+from cppo_rl.config import ConfigError, TrainConfig, config_keys, config_problems, name_user_keys
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMA_KEYS = config_keys(TrainConfig)
@@ -80,20 +80,6 @@ def check_overrides(overrides: list[str]) -> None:
         raise ConfigError("invalid overrides:\n  - " + "\n  - ".join(problems))
 
 
-def _unknown_keys(node, prefix: str = "") -> list[str]:
-    """Keys of a composed DictConfig the schema does not know (e.g. set by a preset file)."""
-    from omegaconf import DictConfig
-
-    found = []
-    for key in node:
-        name = f"{prefix}{key}"
-        if _schema_problem(name, added=False) and not name.startswith("hydra"):
-            found.append(name)
-        elif isinstance(node[key], DictConfig) and name not in DICT_KEYS:
-            found += _unknown_keys(node[key], name + ".")
-    return found
-
-
 def compose(overrides: list[str]) -> tuple[TrainConfig, Path]:
     """The run's config, as the Hydra app composes it, and its run directory (hydra.run.dir)."""
     from hydra import compose as hydra_compose
@@ -111,28 +97,27 @@ def compose(overrides: list[str]) -> tuple[TrainConfig, Path]:
         run_dir = Path(composed.hydra.run.dir)
         with open_dict(composed):
             del composed["hydra"]
-        unknown = _unknown_keys(composed)
-        if unknown:
-            raise ConfigError(
-                "keys the schema does not know (set by a preset file?): " + ", ".join(unknown) + "; remove them"
-            )
         return OmegaConf.to_object(composed), run_dir
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        if isinstance(error, ConfigError):
-            raise
         raise ConfigError(_composition_message(error)) from None
 
 
 def _composition_message(error: Exception) -> str:
-    """Hydra / OmegaConf's error without its internals: the first line, the key, the fix."""
+    """Hydra / OmegaConf's error without its internals: what is wrong, the key, where (a preset file)."""
     cause = error.__cause__ or error
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    key = getattr(cause, "full_key", None)
-    if "Error merging override" in str(error) or "could not be converted" in first:
-        return f"{key or ''}: {first}".lstrip(": ") + " (check the value's type)"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [type(cause).__name__]
+    where = lines[0].split(":")[0] if lines[0].endswith("raised while composing config:") else ""  # In 'experiment/x'
+    details = [line for line in lines if not line.endswith("composing config:")]
+    first = next((line for line in details if not line.startswith(("full_key:", "reference_type", "object_type"))), "")
+    key = getattr(cause, "full_key", None) or next(
+        (line.removeprefix("full_key: ") for line in details if line.startswith("full_key: ")), None
+    )
     if first.startswith("ArithmeticTaskConfig: "):  # the one section that checks itself as it is built
         return name_user_keys(first, "ArithmeticTaskConfig", "data.task")
-    return f"{key}: {first}" if key and key not in first else first
+    message = f"{key}: {first}" if key and key not in first else first
+    if "Error merging override" in str(error) or "could not be converted" in first:
+        message += " (check the value's type)"
+    return f"{message} ({where.removeprefix('In ')})" if where else message
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,13 +127,7 @@ def _composition_message(error: Exception) -> str:
 
 def preflight(config: TrainConfig, run_dir: Path) -> None:
     """Every check before anything starts; raises ConfigError listing every problem found."""
-    problems = []
-    try:
-        validate(config)
-    except ConfigError as error:
-        problems += str(error).removeprefix("invalid configuration:\n  - ").split("\n  - ")
-    for check in (model_problems, data_problems):
-        problems += check(config)
+    problems = config_problems(config) + model_problems(config) + data_problems(config)
     problems += resume_problems(config, run_dir)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(dict.fromkeys(problems)))

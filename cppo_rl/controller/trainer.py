@@ -18,7 +18,7 @@ import torch
 from cppo_rl.algorithms import count_constant_groups, get_advantage
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.config import TrainConfig, engine_config, learner_config, policy_loss_config, sampling_config
-from cppo_rl.data.dataset import Example, PromptLoader, chat, encode_prompts, load_examples
+from cppo_rl.data.dataset import Example, PromptLoader, encode_prompts, load_examples, prompt_text
 
 CHECKPOINTS = "checkpoints"
 # keys a resumed run may change without changing what it computes (everything else is warned about)
@@ -348,11 +348,7 @@ class Trainer:
         golds = [e.answer for e in examples for _ in range(r.eval_samples)]
         outcomes = self.rewards.score(batch.response_texts, golds)
         samples = [
-            [
-                chat(examples[i // r.eval_samples], "{prompt}")[-1]["content"],
-                batch.response_texts[i],
-                outcomes[i].reward,
-            ]
+            [prompt_text(examples[i // r.eval_samples]), batch.response_texts[i], outcomes[i].reward]
             for i in range(0, len(golds), r.eval_samples)
         ][:8]
         metrics = {

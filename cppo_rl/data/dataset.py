@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +51,16 @@ def load_examples(
     names: list[str], data: DataConfig, generated: dict[str, Path] | None = None, split: str = "train"
 ) -> list[Example]:
     """Every example of `names` (data.train_files with split "train", data.eval_files with "test"), each file
-    opened and validated. "generated" reads `generated[split]`; with `generated` None those entries are
-    skipped (a preflight checks the user's files only). No tokenizer, model or Ray needed."""
-    if generated is not None:
-        names = [str(generated[split]) if name == "generated" else name for name in names]
-    return [example for name in names if name != "generated" for example in load_data(name, data, split)]
+    opened and validated. "generated" reads `generated[split]` with the keys it was written with (`prompt`,
+    `answer`); with `generated` None those entries are skipped (a preflight checks the user's files only).
+    No tokenizer, model or Ray needed."""
+    examples = []
+    for name in names:
+        if name != "generated":
+            examples += load_data(name, data, split)
+        elif generated is not None:  # the project's own schema, whatever keys the user's files need
+            examples += load_data(generated[split], replace(data, prompt_key="prompt", answer_key="answer"), split)
+    return examples
 
 
 def load_data(name: str | Path, data: DataConfig, split: str = "train") -> list[Example]:
@@ -195,6 +200,11 @@ def scalar_text(value: Any, where: str, key: str, setting: str) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise DatasetError(f"{where}: `{key}` must be a string or a number, got {type(value).__name__} {value!r:.80}")
     return str(value)
+
+
+def prompt_text(example: Example) -> str:
+    """The prompt for display: the string, or the last chat message's content."""
+    return example.prompt if isinstance(example.prompt, str) else example.prompt[-1]["content"]
 
 
 def chat(example: Example, template: str) -> list[Message]:

@@ -170,6 +170,16 @@ def test_load_examples_reads_generated_and_user_files(tmp_path):
     assert [e.answer for e in load_examples(["generated", user], DATA, None, "test")] == ["2"]  # a preflight's check
 
 
+def test_generated_entries_keep_their_own_keys_when_the_user_files_use_others(tmp_path):
+    from dataclasses import replace
+
+    generated = {s: _write(tmp_path / f"gen_{s}.jsonl", [{"prompt": s, "answer": "1"}]) for s in ("train", "test")}
+    user = _write(tmp_path / "user.jsonl", [{"question": "q", "gold": "2"}])
+    data = replace(DATA, prompt_key="question", answer_key="gold")
+    examples = load_examples(["generated", user], data, generated, "train")
+    assert [(e.prompt, e.answer) for e in examples] == [("train", "1"), ("q", "2")]
+
+
 def test_hydra_overrides_reach_the_new_keys():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf

@@ -58,6 +58,9 @@ def refuse(monkeypatch, capsys, tmp_path: Path, *overrides: str) -> str:
         (["rollout.top_k_logprobs=-1"], "rollout.top_k_logprobs must be an int >= 0"),
         (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5 must lie in (0, 1]"),
         (["algorithm.delta=-1"], "algorithm.delta must be a finite number > 0"),
+        (["algorithm.delta_b_ceiling=0.5"], "algorithm.delta_b_ceiling must lie in"),
+        (["learner.dtype=float16"], "learner.dtype='float16': use one of"),
+        (["learner.optimizer=adam"], "learner.optimizer='adam': use one of"),
         (["algorithm.advantage=ppo"], "algorithm.advantage='ppo': use one of"),
         (["algorithm.anchor=old"], "algorithm.anchor='old': use one of"),
         (["trainer.samples_per_prompt=1"], "group-relative advantages need at least 2 samples"),
@@ -89,6 +92,29 @@ def test_a_bad_data_row_names_its_file_and_line_and_too_few_rows_are_refused(mon
     data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
     err = refuse(monkeypatch, capsys, tmp_path, f"data.train_files=[{data}]")
     assert "data.train_files hold 1 rows; one step needs trainer.prompts_per_step=8" in err
+
+
+def test_data_keys_that_a_user_file_lacks_are_refused_naming_the_key(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"question": "{i}+1?", "gold": "{i + 1}"}}\n' for i in range(8)))
+    files = [f"data.train_files=[{data}]", f"data.eval_files=[{data}]"]
+    err = refuse(monkeypatch, capsys, tmp_path, *files, "data.prompt_key=question", "data.answer_key=answer")
+    assert f"{data}:1: `answer` is missing or empty" in err and "data.answer_key" in err
+    err = refuse(monkeypatch, capsys, tmp_path, *files, "data.prompt_key=problem", "data.answer_key=gold")
+    assert f"{data}:1: `problem` is missing or empty" in err and "data.prompt_key" in err
+
+
+def test_a_preset_setting_an_unknown_key_is_named_with_its_file():
+    from hydra.errors import ConfigCompositionException
+
+    from cppo_rl.preflight import _composition_message
+
+    error = ConfigCompositionException(
+        "In 'experiment/mine': ConfigKeyError raised while composing config:\nKey 'nonsense' not in 'TrainerConfig'"
+        "\n    full_key: trainer.nonsense\n    reference_type=TrainerConfig\n    object_type=TrainerConfig"
+    )
+    message = _composition_message(error)
+    assert message == "trainer.nonsense: Key 'nonsense' not in 'TrainerConfig' ('experiment/mine')"
 
 
 def _checkpoint(root: Path, world_size: int = 1) -> Path:
