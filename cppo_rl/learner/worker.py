@@ -1,42 +1,37 @@
 """The learner: DeepSpeed ZeRO-3 ranks that train the policy on rollout batches.
 
 `LearnerWorker` is one rank (a plain class; `LearnerGroup` runs one per Ray actor). The ranks form a
-torch.distributed group themselves (gloo on CPU, nccl on GPU) and wrap the policy in ZeRO stage 3.
+torch.distributed group (`distributed.py`: gloo on CPU, nccl on GPU) and wrap the policy in ZeRO stage 3
+(`ds_config.py`).
 
 One `train_on_batch(batch)`: the batch (N responses, prompt groups adjacent) is cut into
 `updates_per_rollout` contiguous mini-batches; each rank takes a contiguous 1/world share of a
 mini-batch and runs it in micro-batches of `micro_batch_size` responses, then the optimizer steps
-once per mini-batch. Each micro-batch: chunked log pi at the sampled token and at mu's token set
-(no [B, T, V] logits), the policy loss from the registry, backward.
-
-Normalisation is global: every rank sees the whole batch, so the mini-batch's token and sequence
-counts are known without communication; each micro-batch loss is its *sum* over those global
-counts, multiplied by the world size to undo DeepSpeed's averaging across ranks and backpropagated
-without DeepSpeed's division by the accumulation steps. The gradient is then the exact gradient of
-the mini-batch loss whatever the micro-batch size or world size.
+once per mini-batch (`step.py`: log pi at mu's token sets without [B, T, V] logits, the policy loss
+from the registry with global normalisers, backward). Weight export for the sync and checkpoints:
+`weights.py`, `checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cppo_rl.algorithms import LossNormaliser, PolicyLossConfig, PolicyLossInputs, get_policy_loss, local_counts
-from cppo_rl.algorithms.divergence import topk_tv
+from cppo_rl.algorithms import PolicyLossConfig, get_policy_loss
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.config import AlgorithmConfig, LearnerSettings, RolloutConfig, TrainerConfig
+from cppo_rl.learner import distributed, step, weights
 from cppo_rl.learner.checkpoint import finalize, staging_dir
+from cppo_rl.learner.ds_config import deepspeed_config
 from cppo_rl.learner.logprobs import LogprobPolicy
 from cppo_rl.learner.moe import mark_leaf_modules
 from cppo_rl.remote import get_all
-from cppo_rl.sync.buckets import BucketPlan, plan_buckets
+from cppo_rl.sync.buckets import BucketPlan
 from cppo_rl.sync.transport import join_sync_group
 
 
@@ -127,31 +122,6 @@ class LearnerConfig(LearnerSettings):
             raise ValueError("LearnerConfig: " + "\n".join(problems))  # one problem a line
 
 
-@dataclass
-class _Shard:
-    """One rank's part of one mini-batch, and the mini-batch's global counts."""
-
-    batch: RolloutBatch
-    normaliser: LossNormaliser
-    first: bool  # the batch's first mini-batch (the weights still equal the rollout's)
-    anchor: tuple[torch.Tensor, torch.Tensor] | None = field(default=None)
-
-
-def _unlink_shared_allreduce_buffer(master_addr: str, master_port: int, rank: int) -> None:
-    """Remove the name of this rank's /dev/shm all-reduce segment (DeepSpeed's CPU backend, 66 MB per rank).
-
-    DeepSpeed never unlinks it, so every learner that is killed rather than closed (Ray kills actors) left
-    it behind in RAM until reboot. Once every rank has mapped every other rank's segment (they do so in
-    `init_distributed`; the barrier waits for all of them) the names are not needed: the memory stays
-    mapped and is freed when the last rank exits.
-    """
-    import torch.distributed as dist
-
-    dist.barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
-
-
 class LearnerWorker:
     """One ZeRO-3 rank. Construct on every rank, then call `setup` on all of them together."""
 
@@ -160,54 +130,29 @@ class LearnerWorker:
         self.loss_fn = get_policy_loss(loss_name)
         self.loss_config = loss_config
         self.engine = None
+        self._sync_group = None
         self.steps = 0
 
     @staticmethod
     def free_address() -> tuple[str, int]:
         """This node's IP and a free TCP port: the rendezvous address when this is rank 0."""
-        import ray
-
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return distributed.free_address()
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group and build the ZeRO-3 engine (a collective: all ranks at once)."""
         on_gpu = torch.cuda.is_available()
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0" if on_gpu else str(self.rank),
-            LOCAL_SIZE="1" if on_gpu else str(self.world_size),
-        )
-        if not on_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        config = self.config
+        backend = distributed.backend_for(config.backend, on_gpu)
+        distributed.init_process_group(master_addr, master_port, self.rank, self.world_size, backend, on_gpu)
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
-        config = self.config
-        backend = config.backend if config.backend != "auto" else ("nccl" if on_gpu else "gloo")
-        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        deepspeed.init_distributed(dist_backend=backend)
-        if not on_gpu:
-            _unlink_shared_allreduce_buffer(master_addr, master_port, self.rank)
+        dtype = distributed.dtype_for(config.dtype, on_gpu)
         torch.manual_seed(config.seed)
         micro_steps = config.micro_steps(self.world_size)
         self._micro_steps_total = micro_steps * self.world_size
-        ds_config = {
-            "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "gradient_accumulation_steps": micro_steps,
-            "gradient_clipping": config.grad_clip,
-            "zero_optimization": {"stage": config.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "zero_allow_untested_optimizer": config.optimizer == "sgd",  # torch SGD: exact, for checks
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
+        ds_config = deepspeed_config(config, micro_steps, dtype)
         keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained partition the weights (ZeRO-3 init)
         model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=getattr(torch, dtype))
         del keep_alive
@@ -224,6 +169,15 @@ class LearnerWorker:
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+        self.step_context = step.StepContext(
+            engine=self.engine,
+            loss_fn=self.loss_fn,
+            loss_config=self.loss_config,
+            world_size=self.world_size,
+            temperature=config.temperature,
+            router_aux_coef=self.router_aux_coef,
+            micro_steps_total=self._micro_steps_total,
+        )
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         config = self.config
@@ -231,13 +185,13 @@ class LearnerWorker:
             return torch.optim.SGD(model.parameters(), lr=config.lr)
         return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
-    def _lr_factor(self, step: int) -> float:
+    def _lr_factor(self, update: int) -> float:
         config = self.config
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
+        if update < config.warmup_steps:
+            return (update + 1) / config.warmup_steps
         if config.lr_schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps))
+        progress = min(1.0, (update - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # -- training -----------------------------------------------------------------------------------
@@ -257,7 +211,9 @@ class LearnerWorker:
                 f"LearnerWorker.train_on_batch: got {batch.num_responses} responses, configured for "
                 f"responses_per_step={self.config.responses_per_step}"
             )
-        shards = self._shards(batch)
+        shards = step.split_shards(
+            batch, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
+        )
         if self.config.anchor == "recompute":
             for shard in shards:
                 shard.anchor = self._recompute_anchor(shard.batch)
@@ -273,7 +229,7 @@ class LearnerWorker:
                         a[start : start + self.config.micro_batch_size, : micro.response_ids.shape[1]]
                         for a in shard.anchor
                     )
-                metrics = self._micro_step(micro, shard, anchor)
+                metrics = step.micro_step(self.step_context, micro, shard, anchor)
                 for name, value in metrics.items():
                     totals[name] = totals.get(name, torch.zeros(2)) + value
             self.steps += 1
@@ -283,113 +239,14 @@ class LearnerWorker:
         # DeepSpeed skips an update whose global gradient norm is inf / nan (weights, optimizer state and
         # lr schedule unchanged); each rank counts the same updates, so the all-reduced mean is the count
         totals["skipped_updates"] = torch.tensor([float(self.engine.skipped_steps - skipped_before), 1.0])
-        metrics = self._reduce_metrics(totals)
+        metrics = step.reduce_metrics(totals, self.world_size)
         metrics["lr"] = self.learning_rate()
         return metrics
-
-    def _shards(self, batch: RolloutBatch) -> list[_Shard]:
-        size = batch.num_responses // self.config.updates_per_rollout
-        share = size // self.world_size
-        shards = []
-        for update in range(self.config.updates_per_rollout):
-            minibatch = batch.select(range(update * size, (update + 1) * size))
-            tokens, sequences = local_counts(minibatch.response_mask)
-            # seq-mean-token-sum-norm's horizon: the loss config's constant, else the mini-batch's padded width
-            # (one width for every micro-batch and rank: micro-batches are trimmed to their own longest response)
-            width = None if isinstance(self.loss_config.horizon, int) else minibatch.response_mask.shape[1]
-            normaliser = LossNormaliser(num_tokens=tokens, num_sequences=sequences, horizon=width)
-            mine = minibatch.select(range(self.rank * share, (self.rank + 1) * share))
-            shards.append(_Shard(batch=mine, normaliser=normaliser, first=update == 0))
-        return shards
-
-    def _micro_step(
-        self, micro: RolloutBatch, shard: _Shard, anchor: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> dict[str, torch.Tensor]:
-        set_logprobs, entropy = self._set_logprobs(micro, return_entropy=True)
-        mu_sampled, mu_set = anchor if anchor is not None else (micro.rollout_logprobs, micro.topk_logprobs)
-        inputs = PolicyLossInputs(
-            logprobs=set_logprobs[..., 0],
-            rollout_logprobs=mu_sampled,
-            advantages=micro.advantages,
-            response_mask=micro.response_mask,
-            topk_logprobs=set_logprobs,
-            rollout_topk_logprobs=mu_set,
-        )
-        output = self.loss_fn(inputs, self.loss_config, shard.normaliser)
-        loss, router = output.loss, self.engine.module.router
-        if router is not None and self.router_aux_coef:  # the mini-batch's mean aux loss, over micro-steps
-            loss = loss + self.router_aux_coef * router.aux_loss / self._micro_steps_total
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        self.engine.step()
-        tokens = micro.response_mask.sum().float()
-        reported = {**output.metrics, **(router.metrics() if router is not None else {})}
-        metrics = {
-            name: torch.stack([value.detach().float() * tokens, tokens])
-            for name, value in reported.items()
-            if torch.isfinite(value)
-        }
-        metrics["entropy"] = torch.stack([entropy.sum(), tokens])
-        # summed over micro-batches and ranks, then divided by the update count: the mean mini-batch loss
-        metrics["loss"] = torch.stack([output.loss.detach().float(), torch.tensor(1.0 / self._micro_steps_total)])
-        if shard.first:
-            valid = micro.response_mask
-            gap = (set_logprobs[..., 0].detach() - micro.rollout_logprobs).abs()[valid].sum()
-            tv = topk_tv(micro.topk_logprobs, set_logprobs.detach())[valid].sum()
-            metrics["rollout_learner_logprob_mismatch"] = torch.stack([gap, tokens])
-            metrics["rollout_learner_topk_tv"] = torch.stack([tv, tokens])
-        return metrics
-
-    def _set_logprobs(
-        self, micro: RolloutBatch, return_entropy: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """float32 [B, T, S] log pi at `micro.topk_ids` (slot 0: the sampled token), -inf at unused slots;
-        with `return_entropy` also the float32 [valid tokens] entropy (nats) of pi at each valid response token."""
-        device = self.engine.device
-        prompts = [len(p) for p in micro.prompt_ids]
-        lengths = micro.response_lengths.tolist()
-        width = max(p + r for p, r in zip(prompts, lengths, strict=True))
-        input_ids = torch.zeros(len(prompts), width, dtype=torch.int64)
-        attention = torch.zeros(len(prompts), width, dtype=torch.int64)
-        for row, (prompt, length) in enumerate(zip(prompts, lengths, strict=True)):
-            input_ids[row, :prompt] = torch.tensor(micro.prompt_ids[row])
-            input_ids[row, prompt : prompt + length] = micro.response_ids[row, :length]
-            attention[row, : prompt + length] = 1
-        valid = micro.response_mask
-        rows, columns = valid.nonzero(as_tuple=True)
-        positions = torch.tensor(prompts)[rows] - 1 + columns  # the hidden state that predicts token t
-        result = self.engine(
-            input_ids.to(device),
-            attention.to(device),
-            rows.to(device),
-            positions.to(device),
-            micro.topk_ids[valid].to(device),
-            self.config.temperature,
-            return_entropy=return_entropy,
-        )
-        logprobs, entropy = result if return_entropy else (result, None)
-        out = torch.full(micro.topk_ids.shape, -float("inf"), dtype=torch.float32, device=device)
-        out[valid.to(device)] = logprobs
-        out = out.cpu() if device.type != "cpu" else out
-        return (out, entropy.detach().cpu()) if return_entropy else out
 
     def _recompute_anchor(self, shard: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The learner's own (sampled, set) logprobs of a shard before any update of this batch."""
         set_logprobs = self.logprobs(shard)
         return torch.where(shard.response_mask, set_logprobs[..., 0], torch.zeros(())), set_logprobs
-
-    def _reduce_metrics(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Token-weighted means over all ranks (one all-reduce)."""
-        import torch.distributed as dist
-
-        names = sorted(totals)
-        stacked = torch.stack([totals[name] for name in names]) if names else torch.zeros(0, 2)
-        if self.world_size > 1:
-            dist.all_reduce(stacked)
-        return {
-            name: float(value / count)
-            for name, (value, count) in zip(names, stacked.tolist(), strict=True)
-            if count > 0
-        }
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
@@ -399,7 +256,9 @@ class LearnerWorker:
         size = self.config.micro_batch_size
         width = batch.response_ids.shape[1]
         pieces = [
-            self._set_logprobs(batch.select(range(s, min(s + size, batch.num_responses))))
+            step.set_logprobs(
+                self.engine, batch.select(range(s, min(s + size, batch.num_responses))), self.config.temperature
+            )
             for s in range(0, batch.num_responses, size)
         ]
         return torch.cat(
@@ -410,24 +269,11 @@ class LearnerWorker:
 
     def gather_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
         """Full (unpartitioned) parameters by HF name, on rank 0; [] on other ranks. All ranks must call."""
-        import deepspeed
-
-        wanted = set(names) if names is not None else None
-        gathered = []
-        for name, parameter in self.engine.module.named_parameters():
-            if wanted is not None and name not in wanted:
-                continue
-            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
-                if self.rank == 0:
-                    gathered.append((name, parameter.detach().clone().cpu()))
-        return gathered
+        return weights.gather_weights(self.engine.module, self.rank, names)
 
     def weight_plan(self, budget_bytes: int) -> BucketPlan:
         """The bucket plan of a weight sync: every parameter, full (unpartitioned) shapes, HF names."""
-        specs = [
-            (name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for name, p in self.engine.module.named_parameters()
-        ]
-        return plan_buckets(specs, budget_bytes)
+        return weights.weight_plan(self.engine.module, budget_bytes)
 
     def join_weight_sync(self, address: str, port: int, world_size: int) -> None:
         """Rank 0 only: join the weight-sync group as its rank 0 (the rollout workers are 1..E)."""
@@ -435,26 +281,9 @@ class LearnerWorker:
         self._sync_group = join_sync_group(address, port, 0, world_size, backend)
 
     def broadcast_weights(self, plan: BucketPlan) -> None:
-        """All ranks: gather each bucket's parameters (ZeRO-3 collective); rank 0 packs it into one flat
-        buffer and broadcasts it to the rollout workers with one collective.
-
-        If a broadcast fails (a rollout worker died), rank 0 still takes part in the remaining gathers, so
-        the other ranks are not left waiting in one, and raises at the end."""
-        import deepspeed
-
-        parameters = dict(self.engine.module.named_parameters())
-        failure = None
-        for bucket in plan.buckets:
-            members = [parameters[slot.name] for slot in bucket.slots]
-            with deepspeed.zero.GatheredParameters(members, modifier_rank=None):
-                if self.rank == 0 and failure is None:
-                    flat = bucket.pack([p.detach() for p in members], self.engine.device)
-                    try:
-                        self._sync_group.broadcast(flat, 0).wait()
-                    except RuntimeError as error:  # gloo / NCCL: a peer is gone
-                        failure = error
-        if failure is not None:
-            raise RuntimeError(f"weight sync broadcast failed: {failure}") from failure
+        """All ranks: one weight sync's buckets, gathered and broadcast by rank 0 (weights.broadcast_weights)."""
+        group = self._sync_group  # rank 0's; the other ranks only take part in the gathers
+        weights.broadcast_weights(self.engine.module, self.rank, group, plan, self.engine.device)
 
     # -- checkpoints ----------------------------------------------------------------------------------
 

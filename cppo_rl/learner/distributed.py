@@ -1,0 +1,67 @@
+"""The learner's process group: rendezvous address, environment, backend and dtype per device.
+
+Every learner rank is one Ray actor with at most one GPU (Ray sets CUDA_VISIBLE_DEVICES to it, so its
+local rank is 0 on GPU). The ranks form torch.distributed's default group through DeepSpeed:
+`deepspeed.init_distributed(dist_backend=...)` (deepspeed/comm/comm.py, 0.19.8) reads MASTER_ADDR,
+MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port: a rendezvous address hosted by the calling process."""
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def backend_for(requested: str, on_gpu: bool) -> str:
+    """`learner.backend`: "auto" is nccl on GPU and gloo on CPU."""
+    return requested if requested != "auto" else ("nccl" if on_gpu else "gloo")
+
+
+def dtype_for(requested: str, on_gpu: bool) -> str:
+    """`learner.dtype`: "auto" is bfloat16 on GPU and float32 on CPU."""
+    return requested if requested != "auto" else ("bfloat16" if on_gpu else "float32")
+
+
+def init_process_group(master_addr: str, master_port: int, rank: int, world_size: int, backend: str, on_gpu: bool):
+    """Join the learner's default process group (a collective: every rank at once)."""
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0" if on_gpu else str(rank),
+        LOCAL_SIZE="1" if on_gpu else str(world_size),
+    )
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+    if not on_gpu:
+        _unlink_shared_allreduce_buffer(master_addr, master_port, rank)
+
+
+def _unlink_shared_allreduce_buffer(master_addr: str, master_port: int, rank: int) -> None:
+    """Remove the name of this rank's /dev/shm all-reduce segment (DeepSpeed's CPU backend, 66 MB per rank).
+
+    DeepSpeed never unlinks it, so every learner that is killed rather than closed (Ray kills actors) left
+    it behind in RAM until reboot. Once every rank has mapped every other rank's segment (they do so in
+    `init_distributed`; the barrier waits for all of them) the names are not needed: the memory stays
+    mapped and is freed when the last rank exits.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
