@@ -9,7 +9,15 @@ import time
 
 from bench.common import RESULTS, machine
 
-BENCHMARKS = ("chunked_logprobs", "policy_mask_cost", "weight_sync", "rollout_throughput", "scaling", "trl_compare")
+BENCHMARKS = (
+    "chunked_logprobs",
+    "policy_mask_cost",
+    "weight_sync",
+    "rollout_throughput",
+    "scaling",
+    "trl_compare",
+    "driver_bytes",
+)
 
 
 def main() -> None:

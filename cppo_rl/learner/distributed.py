@@ -8,6 +8,7 @@ MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK from the environment.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -31,6 +32,31 @@ def backend_for(requested: str, on_gpu: bool) -> str:
 def dtype_for(requested: str, on_gpu: bool) -> str:
     """`learner.dtype`: "auto" is bfloat16 on GPU and float32 on CPU."""
     return requested if requested != "auto" else ("bfloat16" if on_gpu else "float32")
+
+
+def attn_implementation_for(requested: str, on_gpu: bool, flash_attn_installed: bool | None = None) -> str:
+    """`learner.attn_implementation`: "auto" is flash_attention_2 on GPU when the flash-attn package is installed,
+    sdpa otherwise (what transformers picks when given none: PreTrainedModel.get_correct_attn_implementation,
+    transformers 5.19, never picks flash attention by itself); other values pass through.
+    `flash_attn_installed`: None looks for the package (importlib.util.find_spec("flash_attn"))."""
+    if requested != "auto":
+        return requested
+    if flash_attn_installed is None:
+        flash_attn_installed = importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if on_gpu and flash_attn_installed else "sdpa"
+
+
+def router_aux_coef_for(requested: float | None, model_config) -> float:
+    """`learner.router_aux_loss_coef` for a HF model config: 0 for a dense model; for an MoE, the model
+    config's `router_aux_loss_coef` when `requested` is None (whatever its `output_router_logits` says:
+    Qwen3-30B-A3B ships it false, which would silently drop the loss), else `requested`."""
+    from cppo_rl.learner.moe import num_experts
+
+    if num_experts(model_config) == 0:
+        return 0.0
+    if requested is None:
+        return float(getattr(model_config, "router_aux_loss_coef", 0.0) or 0.0)
+    return float(requested)
 
 
 def init_process_group(master_addr: str, master_port: int, rank: int, world_size: int, backend: str, on_gpu: bool):

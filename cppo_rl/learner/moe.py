@@ -41,7 +41,8 @@ class RouterStats:
     expert_load: torch.Tensor
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        """`moe_aux_loss`, and the most / least loaded expert relative to a uniform load (1 = balanced)."""
+        """`moe_aux_loss`, and the most / least loaded expert relative to a uniform load (1 = balanced); 0-dim
+        float32 tensors on the router logits' device."""
         uniform = 1.0 / self.expert_load.numel()
         return {
             "moe_aux_loss": self.aux_loss.detach().float(),
@@ -61,10 +62,13 @@ def router_stats(
     """
     experts, top_k = num_experts(config), int(config.num_experts_per_tok)
     aux_loss = sys.modules[causal_lm_module].load_balancing_loss_func(router_logits, experts, top_k, attention_mask)
-    valid = attention_mask.reshape(-1).bool()
-    counts = torch.zeros(experts, dtype=torch.float32, device=router_logits[0].device)
+    device = router_logits[0].device  # every tensor returned lives here (the learner's device)
+    valid = attention_mask.reshape(-1).bool().to(device)
+    counts = torch.zeros(experts, dtype=torch.float32, device=device)
     with torch.no_grad():
         for layer in router_logits:
             chosen = layer[valid].topk(top_k, dim=-1).indices
             counts += torch.bincount(chosen.reshape(-1), minlength=experts).float()
-    return RouterStats(aux_loss=torch.as_tensor(aux_loss, dtype=torch.float32), expert_load=counts / counts.sum())
+    # load_balancing_loss_func returns a tensor on the logits' device, or a plain 0 without router logits
+    aux_loss = torch.as_tensor(aux_loss, dtype=torch.float32, device=device)
+    return RouterStats(aux_loss=aux_loss, expert_load=counts / counts.sum())

@@ -10,6 +10,7 @@ mini-batch loss whatever the micro-batch size or world size.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +48,25 @@ def split_shards(batch: RolloutBatch, updates: int, rank: int, world_size: int, 
     return shards
 
 
+def to_device(micro: RolloutBatch, device: torch.device) -> RolloutBatch:
+    """A shallow copy of `micro` whose tensors live on `device` (one host-to-device copy each; non_blocking
+    is safe in that direction: the batch's host tensors are not written again while the copy runs)."""
+    moved = copy.copy(micro)  # no __post_init__: the shapes were checked when the batch was made
+    for name in ("response_ids", "response_mask", "rollout_logprobs", "topk_ids", "topk_logprobs", "advantages"):
+        tensor = getattr(micro, name)
+        if tensor is not None:
+            setattr(moved, name, tensor.to(device, non_blocking=True))
+    return moved
+
+
 def set_logprobs(
-    engine, micro: RolloutBatch, temperature: float, return_entropy: bool = False
+    engine, micro: RolloutBatch, temperature: float, return_entropy: bool = False, device_mask=None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float32 [B, T, S] log pi at `micro.topk_ids` (slot 0: the sampled token), -inf at unused slots;
     with `return_entropy` also the float32 [valid tokens] entropy (nats) of pi at each valid response token.
-    `engine`: the DeepSpeed engine around a cppo_rl.learner.logprobs.LogprobPolicy."""
+    Both on the engine's device. `engine`: the DeepSpeed engine around a cppo_rl.learner.logprobs.LogprobPolicy;
+    `micro`: host tensors (the inputs are built there and copied once); `device_mask`: `micro.response_mask`
+    already on the device, if the caller has it."""
     device = engine.device
     prompts = [len(p) for p in micro.prompt_ids]
     lengths = micro.response_lengths.tolist()
@@ -67,19 +81,27 @@ def set_logprobs(
     rows, columns = valid.nonzero(as_tuple=True)
     positions = torch.tensor(prompts)[rows] - 1 + columns  # the hidden state that predicts token t
     result = engine(
-        input_ids.to(device),
-        attention.to(device),
-        rows.to(device),
-        positions.to(device),
-        micro.topk_ids[valid].to(device),
+        *(t.to(device, non_blocking=True) for t in (input_ids, attention, rows, positions, micro.topk_ids[valid])),
         temperature,
         return_entropy=return_entropy,
     )
     logprobs, entropy = result if return_entropy else (result, None)
     out = torch.full(micro.topk_ids.shape, -float("inf"), dtype=torch.float32, device=device)
-    out[valid.to(device)] = logprobs
-    out = out.cpu() if device.type != "cpu" else out
-    return (out, entropy.detach().cpu()) if return_entropy else out
+    out[device_mask if device_mask is not None else valid.to(device, non_blocking=True)] = logprobs
+    return (out, entropy.detach()) if return_entropy else out
+
+
+@torch.no_grad()
+def batch_logprobs(engine, batch: RolloutBatch, micro_batch_size: int, temperature: float) -> torch.Tensor:
+    """float32 [N, T, S] log pi at `batch.topk_ids` with the current weights, on the engine's device, computed
+    in micro-batches (eval mode; every rank computes the whole batch: ZeRO-3 forwards are collective)."""
+    engine.eval()
+    width = batch.response_ids.shape[1]
+    pieces = [
+        set_logprobs(engine, batch.select(range(s, min(s + micro_batch_size, batch.num_responses))), temperature)
+        for s in range(0, batch.num_responses, micro_batch_size)
+    ]
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1]), value=-float("inf")) for p in pieces])
 
 
 @dataclass(frozen=True)
@@ -100,15 +122,18 @@ def micro_step(
     context: StepContext, micro: RolloutBatch, shard: Shard, anchor: tuple[torch.Tensor, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
     """Forward, loss, backward and DeepSpeed's step (which applies the update at the mini-batch's last
-    micro-batch) of one micro-batch; returns its metrics as [value x weight, weight] pairs to sum."""
+    micro-batch) of one micro-batch (host tensors, copied to the engine's device once); returns its metrics
+    as [value x weight, weight] pairs to sum, float32 tensors on the device (no host sync)."""
     engine = context.engine
-    logprobs, entropy = set_logprobs(engine, micro, context.temperature, return_entropy=True)
-    mu_sampled, mu_set = anchor if anchor is not None else (micro.rollout_logprobs, micro.topk_logprobs)
+    on_device = to_device(micro, engine.device)
+    valid = on_device.response_mask
+    logprobs, entropy = set_logprobs(engine, micro, context.temperature, return_entropy=True, device_mask=valid)
+    mu_sampled, mu_set = anchor if anchor is not None else (on_device.rollout_logprobs, on_device.topk_logprobs)
     inputs = PolicyLossInputs(
         logprobs=logprobs[..., 0],
         rollout_logprobs=mu_sampled,
-        advantages=micro.advantages,
-        response_mask=micro.response_mask,
+        advantages=on_device.advantages,
+        response_mask=valid,
         topk_logprobs=logprobs,
         rollout_topk_logprobs=mu_set,
     )
@@ -118,33 +143,39 @@ def micro_step(
         loss = loss + context.router_aux_coef * router.aux_loss / context.micro_steps_total
     engine.backward(loss * context.world_size, scale_wrt_gas=False)
     engine.step()
-    tokens = micro.response_mask.sum().float()
+    tokens = valid.sum().float()
+    zero = torch.zeros((), device=tokens.device)
     reported = {**output.metrics, **(router.metrics() if router is not None else {})}
-    metrics = {
-        name: torch.stack([value.detach().float() * tokens, tokens])
-        for name, value in reported.items()
-        if torch.isfinite(value)
-    }
+    metrics = {}
+    for name, value in reported.items():  # a non-finite value weighs 0 (no host sync to test it here)
+        value = value.detach().float()
+        finite = torch.isfinite(value)
+        metrics[name] = torch.stack([torch.where(finite, value, zero) * tokens, torch.where(finite, tokens, zero)])
     metrics["entropy"] = torch.stack([entropy.sum(), tokens])
     # summed over micro-batches and ranks, then divided by the update count: the mean mini-batch loss
-    metrics["loss"] = torch.stack([output.loss.detach().float(), torch.tensor(1.0 / context.micro_steps_total)])
+    metrics["loss"] = torch.stack(
+        [output.loss.detach().float(), torch.full_like(tokens, 1.0 / context.micro_steps_total)]
+    )
     if shard.first:
-        valid = micro.response_mask
-        gap = (logprobs[..., 0].detach() - micro.rollout_logprobs).abs()[valid].sum()
-        tv = topk_tv(micro.topk_logprobs, logprobs.detach())[valid].sum()
+        gap = (logprobs[..., 0].detach() - on_device.rollout_logprobs).abs()[valid].sum()
+        tv = topk_tv(on_device.topk_logprobs, logprobs.detach())[valid].sum()
         metrics["rollout_learner_logprob_mismatch"] = torch.stack([gap, tokens])
         metrics["rollout_learner_topk_tv"] = torch.stack([tv, tokens])
     return metrics
 
 
-def reduce_metrics(totals: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
-    """Token-weighted means over all ranks (one all-reduce of the [value x weight, weight] pairs)."""
+def reduce_metrics(
+    totals: dict[str, torch.Tensor], world_size: int, device: torch.device | None = None
+) -> dict[str, float]:
+    """Token-weighted means over all ranks: one all-reduce of the [value x weight, weight] pairs, on `device`
+    (the learner's; NCCL has no CPU backend), then one copy of the results to the host.
+    `device`: where the pairs live (default: the first pair's device)."""
     import torch.distributed as dist
 
     names = sorted(totals)
-    stacked = torch.stack([totals[name] for name in names]) if names else torch.zeros(0, 2)
+    if device is None:
+        device = totals[names[0]].device if names else torch.device("cpu")
+    stacked = torch.stack([totals[name].to(device) for name in names]) if names else torch.zeros(0, 2, device=device)
     if world_size > 1:
         dist.all_reduce(stacked)
-    return {
-        name: float(value / count) for name, (value, count) in zip(names, stacked.tolist(), strict=True) if count > 0
-    }
+    return {name: value / count for name, (value, count) in zip(names, stacked.tolist(), strict=True) if count > 0}

@@ -36,8 +36,10 @@ def broadcast_weights(module: torch.nn.Module, rank: int, group, plan: BucketPla
     """Every rank: gather each bucket's parameters (ZeRO-3 collective); rank 0 packs it into one flat
     buffer on `device` and broadcasts it over the weight-sync `group` with one collective.
 
-    If a broadcast fails (a rollout worker died), rank 0 still takes part in the remaining gathers, so
-    the other ranks are not left waiting in one, and raises at the end."""
+    If a broadcast fails (a rollout worker died; gloo raises, at the latest after the sync group's
+    timeout), rank 0 still takes part in the remaining gathers, so the other ranks are not left waiting
+    in one, and raises at the end. On NCCL a broadcast whose peer is gone does not raise here: the
+    group's watchdog aborts it after the timeout and tears this process down (docs/reliability.md)."""
     import deepspeed
 
     parameters = dict(module.named_parameters())
@@ -49,7 +51,8 @@ def broadcast_weights(module: torch.nn.Module, rank: int, group, plan: BucketPla
                 flat = bucket.pack([p.detach() for p in members], device)
                 try:
                     group.broadcast(flat, 0).wait()
-                except RuntimeError as error:  # gloo / NCCL: a peer is gone
+                except RuntimeError as error:  # gloo: a peer is gone or the group's timeout passed
                     failure = error
+                del flat  # one bucket's buffer at a time
     if failure is not None:
         raise RuntimeError(f"weight sync broadcast failed: {failure}") from failure

@@ -25,6 +25,7 @@ import torch
 from cppo_rl.algorithms import PolicyLossConfig, get_policy_loss
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.config import AlgorithmConfig, LearnerSettings, RolloutConfig, TrainerConfig
+from cppo_rl.data_plane import RolloutRefs, RolloutSource
 from cppo_rl.learner import distributed, step, weights
 from cppo_rl.learner.checkpoint import finalize, staging_dir
 from cppo_rl.learner.ds_config import deepspeed_config
@@ -32,7 +33,7 @@ from cppo_rl.learner.logprobs import LogprobPolicy
 from cppo_rl.learner.moe import mark_leaf_modules
 from cppo_rl.remote import get_all
 from cppo_rl.sync.buckets import BucketPlan
-from cppo_rl.sync.transport import join_sync_group
+from cppo_rl.sync.transport import DEFAULT_SYNC_TIMEOUT_S, join_sync_group
 
 
 @dataclass(kw_only=True)
@@ -154,13 +155,22 @@ class LearnerWorker:
         self._micro_steps_total = micro_steps * self.world_size
         ds_config = deepspeed_config(config, micro_steps, dtype)
         keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained partition the weights (ZeRO-3 init)
-        model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=getattr(torch, dtype))
+        attention = distributed.attn_implementation_for(config.attn_implementation, on_gpu)
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model_path, dtype=getattr(torch, dtype), attn_implementation=attention
+        )
         del keep_alive
         self.moe_leaf_modules = mark_leaf_modules(model)
-        # the router's load-balancing loss joins the policy loss when the model's config asks for it
-        self.router_aux_coef = (
-            float(model.config.router_aux_loss_coef) if getattr(model.config, "output_router_logits", False) else 0.0
-        )
+        # an MoE's router load-balancing loss joins the policy loss (LogprobPolicy always asks an MoE for its
+        # router logits); null takes the model config's coefficient even where output_router_logits is false
+        self.router_aux_coef = distributed.router_aux_coef_for(config.router_aux_loss_coef, model.config)
+        if self.moe_leaf_modules and self.rank == 0:
+            source = "learner.router_aux_loss_coef" if config.router_aux_loss_coef is not None else "the model config"
+            print(
+                f"learner: MoE model, router aux-loss coefficient {self.router_aux_coef:g} (from {source}"
+                f"{'; 0 = off' if not self.router_aux_coef else ''}), attention {attention}, {dtype}",
+                flush=True,
+            )
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model = LogprobPolicy(model, config.logprob_chunk_size)
@@ -214,10 +224,33 @@ class LearnerWorker:
         shards = step.split_shards(
             batch, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
         )
+        return self.train_on_shards(shards)
+
+    def train_on_refs(self, source: RolloutSource) -> dict[str, float]:
+        """`train_on_batch` on a batch held by reference (cppo_rl/data_plane.py): this rank fetches only the
+        engine chunks that hold its rows; the global normalisers come from the per-row lengths. The same
+        update and metrics as `train_on_batch` of the whole batch."""
+        from cppo_rl.learner.shards import shards_from_source
+
+        if source.advantages is None:
+            raise ValueError("LearnerWorker.train_on_refs: the batch has no advantages; compute them first")
+        if source.num_responses != self.config.responses_per_step:
+            raise ValueError(
+                f"LearnerWorker.train_on_refs: got {source.num_responses} responses, configured for "
+                f"responses_per_step={self.config.responses_per_step}"
+            )
+        shards = shards_from_source(
+            source, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
+        )
+        return self.train_on_shards(shards)
+
+    def train_on_shards(self, shards: list[step.Shard]) -> dict[str, float]:
+        """`train_on_batch` on this rank's shards (one per update, in order), already cut from the batch."""
         if self.config.anchor == "recompute":
             for shard in shards:
                 shard.anchor = self._recompute_anchor(shard.batch)
         self.engine.train()
+        device = self.engine.device  # metrics stay there until the one all-reduce (NCCL has no CPU backend)
         totals: dict[str, torch.Tensor] = {}
         skipped_before = self.engine.skipped_steps
         for shard in shards:
@@ -231,39 +264,33 @@ class LearnerWorker:
                     )
                 metrics = step.micro_step(self.step_context, micro, shard, anchor)
                 for name, value in metrics.items():
-                    totals[name] = totals.get(name, torch.zeros(2)) + value
+                    totals[name] = totals[name] + value if name in totals else value
             self.steps += 1
             grad_norm = self.engine.get_global_grad_norm()  # of the update just applied, before clipping
             if grad_norm is not None and math.isfinite(grad_norm):  # mean over applied updates (same on every rank)
-                totals["grad_norm"] = totals.get("grad_norm", torch.zeros(2)) + torch.tensor([float(grad_norm), 1.0])
+                pair = torch.tensor([float(grad_norm), 1.0], device=device)
+                totals["grad_norm"] = totals["grad_norm"] + pair if "grad_norm" in totals else pair
         # DeepSpeed skips an update whose global gradient norm is inf / nan (weights, optimizer state and
         # lr schedule unchanged); each rank counts the same updates, so the all-reduced mean is the count
-        totals["skipped_updates"] = torch.tensor([float(self.engine.skipped_steps - skipped_before), 1.0])
-        metrics = step.reduce_metrics(totals, self.world_size)
+        skipped = float(self.engine.skipped_steps - skipped_before)
+        totals["skipped_updates"] = torch.tensor([skipped, 1.0], device=device)
+        metrics = step.reduce_metrics(totals, self.world_size, device)
         metrics["lr"] = self.learning_rate()
         return metrics
 
     def _recompute_anchor(self, shard: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learner's own (sampled, set) logprobs of a shard before any update of this batch."""
-        set_logprobs = self.logprobs(shard)
-        return torch.where(shard.response_mask, set_logprobs[..., 0], torch.zeros(())), set_logprobs
+        """The learner's own (sampled, set) logprobs of a shard before any update of this batch, on the
+        learner's device (the micro-steps use them there)."""
+        config, device = self.config, self.engine.device
+        set_logprobs = step.batch_logprobs(self.engine, shard, config.micro_batch_size, config.temperature)
+        mask = shard.response_mask.to(device, non_blocking=True)
+        return torch.where(mask, set_logprobs[..., 0], torch.zeros((), device=device)), set_logprobs
 
-    @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        """float32 [N, T, S] log pi at `batch.topk_ids` with the current weights (all ranks must call;
-        each computes the whole batch, since ZeRO-3 forwards are collective)."""
-        self.engine.eval()
-        size = self.config.micro_batch_size
-        width = batch.response_ids.shape[1]
-        pieces = [
-            step.set_logprobs(
-                self.engine, batch.select(range(s, min(s + size, batch.num_responses))), self.config.temperature
-            )
-            for s in range(0, batch.num_responses, size)
-        ]
-        return torch.cat(
-            [torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1]), value=-float("inf")) for p in pieces]
-        )
+        """float32 [N, T, S] log pi at `batch.topk_ids` with the current weights, on the host (callers get it
+        through Ray; all ranks must call: each computes the whole batch, since ZeRO-3 forwards are collective)."""
+        config = self.config
+        return step.batch_logprobs(self.engine, batch, config.micro_batch_size, config.temperature).cpu()
 
     # -- weights --------------------------------------------------------------------------------------
 
@@ -275,10 +302,14 @@ class LearnerWorker:
         """The bucket plan of a weight sync: every parameter, full (unpartitioned) shapes, HF names."""
         return weights.weight_plan(self.engine.module, budget_bytes)
 
-    def join_weight_sync(self, address: str, port: int, world_size: int) -> None:
-        """Rank 0 only: join the weight-sync group as its rank 0 (the rollout workers are 1..E)."""
+    def join_weight_sync(
+        self, address: str, port: int, world_size: int, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
+    ) -> int:
+        """Rank 0 only: join the weight-sync group as its rank 0 (the engines' TP workers are 1..world - 1);
+        every collective of the group times out after `timeout_s`. Returns the rank (0)."""
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self._sync_group = join_sync_group(address, port, 0, world_size, backend)
+        self._sync_group = join_sync_group(address, port, 0, world_size, backend, timeout_s)
+        return 0
 
     def broadcast_weights(self, plan: BucketPlan) -> None:
         """All ranks: one weight sync's buckets, gathered and broadcast by rank 0 (weights.broadcast_weights)."""
@@ -376,16 +407,23 @@ class LearnerGroup:
         futures = [getattr(worker, method).remote(*args) for worker in self.workers]
         return get_all(futures, f"learner {method}", self.timeout_s)
 
-    def train_on_batch(self, batch: RolloutBatch) -> dict[str, float]:
-        """Train every rank on `batch` (one object-store copy); the metrics of rank 0 (already all-reduced)."""
+    def train_on_batch(self, batch: RolloutBatch | RolloutRefs) -> dict[str, float]:
+        """Train every rank on `batch`; the metrics of rank 0 (already all-reduced). A RolloutRefs (the training
+        loop's) goes by reference: each rank gets the chunk refs and the per-row data (`RolloutRefs.source`)
+        and fetches only the chunks holding its rows. A RolloutBatch goes whole (one object-store copy)."""
         import ray
 
+        if isinstance(batch, RolloutRefs):
+            return self._all("train_on_refs", batch.source())[0]
         return self._all("train_on_batch", ray.put(batch))[0]
 
-    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        """float32 [N, T, S] log pi at the batch's token sets, current weights."""
+    def logprobs(self, batch: RolloutBatch | RolloutRefs) -> torch.Tensor:
+        """float32 [N, T, S] log pi at the batch's token sets, current weights (a diagnostic: every rank
+        computes the whole batch, so a RolloutRefs is fetched whole here first)."""
         import ray
 
+        if isinstance(batch, RolloutRefs):
+            batch = batch.fetch()
         return self._all("logprobs", ray.put(batch))[0]
 
     def gather_weights(self) -> list[tuple[str, torch.Tensor]]:

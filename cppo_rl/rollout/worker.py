@@ -2,8 +2,10 @@
 
 `RolloutWorker` is a Ray actor around `RolloutEngine`. Its runtime environment carries the
 engine's start-up variables (in-process engine core when TP = 1, KV-cache size and thread binding
-on CPU), because vLLM reads them when the engine starts inside the actor process. On GPU each
-actor asks Ray for `tensor_parallel_size` GPUs.
+on CPU; the TP ranks' placement-group bundles on GPU: `cppo_rl.rollout.engine.vllm_arguments`), because
+vLLM reads them when the engine starts inside the actor process. On GPU a TP = 1 actor asks Ray for its
+GPU; a TP > 1 actor asks for none and vLLM's Ray executor starts one worker actor of one GPU per TP rank
+in the engine's bundles (cppo_rl/controller/placement.py).
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ import ray
 import torch
 
 from cppo_rl.batch import RolloutBatch
-from cppo_rl.remote import ACTOR_GONE
+from cppo_rl.data_plane import ChunkRef, ChunkTensors, RolloutChunk, RolloutRefs
+from cppo_rl.remote import ACTOR_GONE, ActorFailure
 from cppo_rl.rollout.engine import EngineConfig, RolloutEngine
 from cppo_rl.rollout.sampling import SamplingConfig
 from cppo_rl.sync.buckets import BucketPlan
-from cppo_rl.sync.transport import join_sync_group, receive_buckets
+from cppo_rl.sync.transport import DEFAULT_SYNC_TIMEOUT_S
+
+# how long `RolloutGroup.replace` waits for a killed worker to die and free its bundles (vLLM's TP workers
+# die after it: Ray kills the actors a dead process owned)
+RELEASE_TIMEOUT_S = 120.0
 
 
 class RolloutWorker(RolloutEngine):
@@ -31,15 +38,34 @@ class RolloutWorker(RolloutEngine):
         """The engine's policy version; returns once the engine has started."""
         return self.policy_version
 
-    def join_weight_sync(self, address: str, port: int, rank: int, world_size: int) -> None:
-        """Join the weight-sync group as `rank` (1..E; the learner's rank 0 is rank 0)."""
-        backend = "gloo" if self.on_cpu else "nccl"
-        self._sync_group = join_sync_group(address, port, rank, world_size, backend)
+    @ray.method(num_returns=2)
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig, prompt_offset: int = 0
+    ) -> tuple[RolloutChunk, ChunkTensors]:
+        """The data plane's generate (cppo_rl/data_plane.py): two return objects, both owned by the caller.
+        The caller `ray.get`s the first (the light RolloutChunk) and leaves the second (the ChunkTensors:
+        token sets, int32 ids) in the object store for the learner ranks; it outlives this actor."""
+        return self.generate_parts(prompt_ids, sampling, prompt_offset)
 
-    def receive_weights(self, plan: BucketPlan, version: int) -> None:
-        """Receive one sync's buckets from the learner and load them in place."""
-        device = "cpu" if self.on_cpu else "cuda"
-        self.update_weights(receive_buckets(self._sync_group, plan, device), version)
+    def join_weight_sync(
+        self,
+        address: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        plan: BucketPlan,
+        timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
+    ) -> list[int]:
+        """Join the weight-sync group from inside each of the engine's TP workers (TP rank t joins as
+        `rank_offset` + t; the learner's rank 0 is rank 0), which keep `plan` for every later sync;
+        returns the workers' ranks."""
+        return self.llm.collective_rpc(
+            "cppo_join_weight_sync", args=(address, port, rank_offset, world_size, plan, timeout_s)
+        )
+
+    def receive_weights(self, version: int) -> None:
+        """Receive one sync from the learner in every TP worker, bucket by bucket, and load it in place."""
+        self.update_weights(None, version)
 
 
 def start_rollout_workers(
@@ -52,37 +78,72 @@ def start_rollout_workers(
 ) -> list[ray.actor.ActorHandle]:
     """Start `num_workers` RolloutWorker actors and wait until their engines are up.
 
-    `scheduling_strategies` (one per worker, e.g. placement-group bundles) pin them; the controller
-    passes these. Each worker gets `config.tensor_parallel_size` GPUs when `use_gpu`.
+    `scheduling_strategies` (one per worker, e.g. placement-group bundles) pin them. On GPU a TP = 1 worker
+    asks Ray for one GPU, a TP > 1 worker for none (vLLM's Ray executor then makes its own placement group
+    of one GPU per TP rank). The controller uses a `WorkerLauncher` with its placement group's slots instead.
     """
     return RolloutGroup.start(WorkerLauncher(config, num_cpus, use_gpu, scheduling_strategies), num_workers).workers
 
 
 @dataclass(frozen=True)
 class WorkerLauncher:
-    """Starts the RolloutWorker of slot `index` (its resources and placement); `RolloutGroup.replace` reuses it."""
+    """Starts the RolloutWorker of slot `index` (its resources and placement); `RolloutGroup.replace` reuses it.
+
+    `slots` (cppo_rl.controller.placement.ActorSlot, one per worker) say what each asks Ray for and, for a
+    TP > 1 engine on GPU, the bundles of its TP ranks; without them every worker gets `engine_slot(...)`
+    outside any placement group. `placed` (a PlacedGroup) lets `RolloutGroup.replace` wait until a dead
+    worker's bundles are free again."""
 
     config: EngineConfig
     num_cpus: float = 1.0
     use_gpu: bool = False
     scheduling_strategies: Sequence[object] | None = None
+    slots: Sequence[object] | None = None
+    placed: object | None = None
 
-    def __call__(self, index: int) -> ray.actor.ActorHandle:
-        options = {
-            "num_cpus": self.num_cpus,
-            "num_gpus": self.config.tensor_parallel_size if self.use_gpu else 0,
-            "runtime_env": {"env_vars": self.config.engine_environment()},
-        }
+    def slot(self, index: int):
+        from cppo_rl.controller.placement import engine_slot
+
+        if self.slots is not None:
+            return self.slots[index]
+        return engine_slot(self.config.tensor_parallel_size, self.use_gpu, self.num_cpus)
+
+    def actor_options(self, index: int) -> tuple[dict[str, object], tuple[int, ...] | None]:
+        """The Ray actor options of worker `index` and the bundle indices its engine gives vLLM (None: TP = 1,
+        CPU, or no placement group)."""
+        from cppo_rl.rollout.engine import vllm_arguments
+
+        slot = self.slot(index)
+        _, env = vllm_arguments(self.config, not self.use_gpu, slot.vllm_bundle_indices)
+        options = {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "runtime_env": {"env_vars": env}}
         if self.scheduling_strategies is not None:
             options["scheduling_strategy"] = self.scheduling_strategies[index]
-        return ray.remote(RolloutWorker).options(**options).remote(self.config)
+        return options, slot.vllm_bundle_indices
+
+    def __call__(self, index: int) -> ray.actor.ActorHandle:
+        options, bundle_indices = self.actor_options(index)
+        return ray.remote(RolloutWorker).options(**options).remote(self.config, bundle_indices)
+
+    def wait_released(self, index: int, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s` s) until Ray reports every bundle of worker `index` free (its actor and
+        vLLM's worker actors gone, their GPUs released); True when they are, or when there is no group."""
+        if self.placed is None or self.slots is None:
+            return True
+        bundles = self.slots[index].bundles
+        deadline = time.monotonic() + timeout_s
+        while not self.placed.released(bundles):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
 
 class RolloutWorkersLost(RuntimeError):
     """Some workers died or hung during `generate`: `workers` are their indices, `finished` the chunks
-    (by worker index) the others completed, to pass back to `generate` once the workers are replaced."""
+    (by worker index) the others completed, to pass back to `generate` once the workers are replaced.
+    A finished chunk's heavy part stays valid when its worker dies: the driver owns it (a return value)."""
 
-    def __init__(self, workers: list[int], finished: dict[int, RolloutBatch], causes: list[str]) -> None:
+    def __init__(self, workers: list[int], finished: dict[int, ChunkRef], causes: list[str]) -> None:
         super().__init__(f"rollout workers {workers} lost: {'; '.join(causes)}")
         self.workers, self.finished, self.causes = workers, finished, causes
 
@@ -110,9 +171,22 @@ class RolloutGroup:
         prompt_ids: Sequence[Sequence[int]],
         sampling: SamplingConfig,
         timeout_s: float | None = None,
-        finished: dict[int, RolloutBatch] | None = None,
+        finished: dict[int, ChunkRef] | None = None,
     ) -> RolloutBatch:
-        """Split prompts into contiguous, balanced chunks (one per worker), generate, and join.
+        """`generate_refs(...).fetch()`: the whole batch in this process (tests, diagnostics; the training
+        loop keeps the tensors in the object store with `generate_refs`)."""
+        return self.generate_refs(prompt_ids, sampling, timeout_s, finished).fetch()
+
+    def generate_refs(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        timeout_s: float | None = None,
+        finished: dict[int, ChunkRef] | None = None,
+    ) -> RolloutRefs:
+        """Split prompts into contiguous, balanced chunks (one per worker), generate, and join by reference:
+        this process receives each chunk's light part only (texts, lengths, finish reasons); the token
+        sets stay in the object store, owned by this process (cppo_rl/data_plane.py).
 
         The `sampling.n` samples of a prompt stay on one worker and stay adjacent; group ids are the
         prompt's index in `prompt_ids`. Seeds are per prompt, so the result does not depend on the
@@ -129,10 +203,10 @@ class RolloutGroup:
         }
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         lost, causes = [], []
-        for index, future in pending.items():
+        for index, (light, heavy) in pending.items():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                finished[index] = ray.get(future, timeout=remaining)
+                finished[index] = ChunkRef(ray.get(light, timeout=remaining), heavy)
             except ray.exceptions.GetTimeoutError:
                 lost.append(index)
                 causes.append(f"worker {index} did not answer within {timeout_s:.0f} s")
@@ -141,7 +215,7 @@ class RolloutGroup:
                 causes.append(f"worker {index} died ({type(error).__name__})")
         if lost:
             raise RolloutWorkersLost(lost, finished, causes)
-        return RolloutBatch.concat([finished[index] for index in sorted(finished)])
+        return RolloutRefs([finished[index] for index in sorted(finished)])
 
     def unreachable_workers(self, timeout_s: float = 30.0) -> list[int]:
         """Indices of the workers that are dead or do not answer a probe within `timeout_s` seconds."""
@@ -159,7 +233,16 @@ class RolloutGroup:
         version 0: sync the current weights to it next)."""
         if self.launcher is None:
             raise RuntimeError("RolloutGroup.replace: this group has no launcher; build it with one")
-        ray.kill(self.workers[index], no_restart=True)
+        old = self.workers[index]
+        ray.kill(old, no_restart=True)
+        # ray.kill returns at once: wait until the old engine is gone and its GPUs are free, or the new one
+        # starts beside it and finds the GPU memory still taken
+        wait_until_dead(old, RELEASE_TIMEOUT_S)
+        if not self.launcher.wait_released(index, RELEASE_TIMEOUT_S):
+            raise ActorFailure(
+                f"rollout worker {index} was killed but its placement-group bundles were not free after "
+                f"{RELEASE_TIMEOUT_S:.0f} s; not starting a replacement beside it"
+            )
         self.workers[index] = self.launcher(index)
         ray.get(self.workers[index].ready.remote())
 
@@ -178,6 +261,23 @@ class RolloutGroup:
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
+
+
+def wait_until_dead(actor: ray.actor.ActorHandle, timeout_s: float) -> None:
+    """Return once a call to `actor` fails because it is dead (after `ray.kill`); ActorFailure if it still
+    answers, or does not fail, within `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ActorFailure(f"a killed rollout worker was not reported dead within {timeout_s:.0f} s")
+        try:
+            ray.get(actor.ready.remote(), timeout=min(5.0, remaining))
+        except ACTOR_GONE:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.2)
 
 
 def _balanced_chunks(total: int, parts: int) -> list[tuple[int, int]]:

@@ -208,3 +208,33 @@ def test_a_non_finite_update_is_skipped_on_every_rank(rollout_workers, chat_prom
     assert poisoned_metrics["skipped_updates"] == 1 and zeroed_metrics["skipped_updates"] == 0
     assert (poisoned_after - before).abs().max() > 0  # the first update was applied
     assert (poisoned_after - zeroed_after).abs().max() <= 1e-6 * (zeroed_after - before).abs().max()
+
+
+def test_training_by_reference_equals_training_on_the_whole_batch(rollout_workers, chat_prompt_ids, tiny_model_dir):
+    """The data plane (cppo_rl/data_plane.py): ranks that fetch only their rows' engine chunks and take the
+    normalisers from the lengths make the same update, with the same metrics, as the whole batch. The
+    sequence-mean loss without a constant horizon uses the mini-batch's padded width."""
+    from cppo_rl.algorithms import grpo_advantages
+    from cppo_rl.rollout.sampling import SamplingConfig
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    sampling = SamplingConfig(n=N_SAMPLES, max_tokens=16, logprobs_k=5, seed=21)
+    refs = RolloutGroup(rollout_workers).generate_refs(chat_prompt_ids[:4], sampling)  # two engine chunks
+    batch = refs.fetch()
+    refs.rewards = batch.rewards = (batch.response_ids[:, 0] % 2 == 0).float()
+    refs.advantages = batch.advantages = grpo_advantages(batch.rewards, batch.group_index)
+    results = []
+    for source in (batch, refs):
+        learner = _learner(
+            tiny_model_dir, 2, 2, optimizer="sgd", lr=1.0, updates=2, loss_agg_mode="seq-mean-token-sum-norm"
+        )
+        try:
+            before = _flat(learner.gather_weights())
+            metrics = learner.train_on_batch(source)
+            results.append((metrics, _flat(learner.gather_weights()) - before))
+        finally:
+            learner.shutdown()
+    (whole_metrics, whole_update), (ref_metrics, ref_update) = results
+    assert whole_update.abs().max() > 0
+    assert torch.equal(ref_update, whole_update)
+    assert ref_metrics == whole_metrics

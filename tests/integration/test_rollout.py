@@ -147,3 +147,22 @@ def test_a_seeded_batch_larger_than_one_scheduler_step(workers, prompt_ids):
     batch = RolloutGroup(workers[:1]).generate(many, _sampling(n=4, max_tokens=4))
     assert batch.num_responses == 800
     assert (batch.response_lengths >= 1).all()
+
+
+def test_refs_hold_the_light_part_and_fetch_the_whole_batch(workers, prompt_ids):
+    """The data plane's handle (cppo_rl/data_plane.py): one heavy ref per engine chunk, the light part
+    answering what the driver needs, and `fetch` giving the batch generate gives."""
+    import ray
+
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    group = RolloutGroup(workers)
+    refs = group.generate_refs(prompt_ids, _sampling(n=3))
+    assert [type(ref) for ref in refs.tensor_refs] == [ray.ObjectRef, ray.ObjectRef]
+    batch = refs.fetch()
+    assert torch.equal(refs.response_lengths, batch.response_lengths)
+    assert torch.equal(refs.group_index, torch.arange(len(prompt_ids)).repeat_interleave(3))
+    assert torch.equal(refs.group_index, batch.group_index)
+    assert refs.finish_reason == batch.finish_reason and refs.response_texts == batch.response_texts
+    assert batch.topk_ids.dtype == torch.int64 and batch.prompt_ids == [p for p in prompt_ids for _ in range(3)]
+    assert torch.equal(batch.topk_ids, group.generate(prompt_ids, _sampling(n=3)).topk_ids)

@@ -63,7 +63,7 @@ def test_unknown_keys_and_wrong_types_are_refused():
         (["learner.micro_batch_size=5"], r"not a multiple of learner.micro_batch_size=5; choose one dividing 64"),
         (["trainer.total_steps=0"], r"trainer.total_steps=0 must be >= 1"),
         (["rollout.max_response_length=300"], "must be below rollout.max_model_len"),
-        (["rollout.num_engines=4"], "CPUs > cluster.num_cpus=2"),
+        (["rollout.num_engines=4", "cluster.num_cpus=2"], "CPUs > cluster.num_cpus=2"),
         (["algorithm.name=ppo"], "not a known policy loss"),
         (["algorithm.position_horizon=fixed"], "position_horizon"),
         (["trainer.keep_checkpoints=-1"], r"trainer.keep_checkpoints=-1 must be >= 0"),

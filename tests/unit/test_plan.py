@@ -6,12 +6,15 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
+from cppo_rl.config import ClusterConfig
 from cppo_rl.plan import (
     BF16,
     GIB,
+    GPU_80GB_USABLE_GIB,
     PRESETS,
     ClusterLayout,
     ModelShape,
@@ -21,7 +24,10 @@ from cppo_rl.plan import (
     main,
     plan,
     rollout_memory,
+    sync_receive_bytes,
 )
+
+GPU = GPU_80GB_USABLE_GIB  # an "80 GB" H100 / A100 as CUDA reports it
 
 QWEN3_30B_A3B_CONFIG = {  # the keys of Qwen/Qwen3-30B-A3B's config.json that the planner reads, and a few it ignores
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -39,6 +45,7 @@ QWEN3_30B_A3B_CONFIG = {  # the keys of Qwen/Qwen3-30B-A3B's config.json that th
     "decoder_sparse_step": 1,
     "mlp_only_layers": [],
     "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
 }
 
 # Qwen3-8B by hand: per layer q (4096 x 32*128), k and v (4096 x 8*128), o, q_norm + k_norm (128 each),
@@ -88,10 +95,29 @@ def test_from_hf_config_reads_qwen3_moe_keys_and_refuses_mixed_layers():
 
 @pytest.mark.parametrize(
     ("name", "preset"),
-    [("qwen3_8b", "qwen3_8b"), ("Qwen/Qwen3-8B-Base", "qwen3_8b"), ("Qwen/Qwen3-1.7B", "qwen3_1_7b")],
+    [
+        ("qwen3_8b", "qwen3_8b"),
+        ("Qwen/Qwen3-8B-Base", "qwen3_8b_base"),
+        ("Qwen/Qwen3-1.7B", "qwen3_1_7b"),
+        ("Qwen/Qwen3-30B-A3B-Base", "qwen3_30b_a3b_base"),
+    ],
 )
 def test_load_shape_takes_preset_keys_and_hub_names(name, preset):
     assert load_shape(name) == PRESETS[preset]
+
+
+def test_presets_carry_the_context_of_their_config_json():
+    # max_position_embeddings of the public config.json files: post-trained 40960, -Base 32768 (pre-training length)
+    contexts = {key: shape.max_position_embeddings for key, shape in PRESETS.items()}
+    assert contexts == {
+        "qwen3_1_7b": 40960,
+        "qwen3_8b": 40960,
+        "qwen3_30b_a3b": 40960,
+        "qwen3_1_7b_base": 32768,
+        "qwen3_8b_base": 32768,
+        "qwen3_30b_a3b_base": 32768,
+    }
+    assert PRESETS["qwen3_8b_base"] == replace(PRESETS["qwen3_8b"], max_position_embeddings=32768)
 
 
 def test_load_shape_reads_a_config_json_or_its_directory(tmp_path):
@@ -176,19 +202,20 @@ def test_qwen3_8b_on_one_24_gib_rank_is_refused_with_the_number_and_the_knob():
     assert not result.feasible
     need = sum(result.learner.values()) / GIB
     assert need > 16 * 8.19e9 / GIB  # the ZeRO-3 states alone are 122 GiB
-    (problem,) = result.problems
+    (problem,) = [p for p in result.problems if p.startswith("learner")]  # and the engine's sync buffers (below)
     assert f"learner rank needs {need:.2f} GiB > 24 GiB per GPU" in problem
     ranks = int(problem.split("raise learner.world_size to at least ")[1].split()[0])
     for world_size, fits in ((ranks, True), (ranks // 2, False)):  # the hint suffices (an upper bound)
         layout = ClusterLayout(1, 32, 24, 1, 1, world_size)
-        assert plan(PRESETS["qwen3_8b"], layout, micro_batch_size=1, seq_len=9216, concurrency=8).feasible is fits
+        problems = plan(PRESETS["qwen3_8b"], layout, micro_batch_size=1, seq_len=9216, concurrency=8).problems
+        assert (not any(p.startswith("learner") for p in problems)) is fits
     assert "INFEASIBLE" in result.render()
 
 
 def test_rollout_weights_over_the_budget_are_refused():
     layout = ClusterLayout(1, 8, 16, 1, 1, 7)
     result = plan(PRESETS["qwen3_8b"], layout, micro_batch_size=1, seq_len=4096, concurrency=1)
-    (problem,) = [p for p in result.problems if "rollout engine" in p]
+    (problem,) = [p for p in result.problems if "KV cache" in p]
     assert "less than one 4096-token sequence" in problem and "raise rollout.tensor_parallel_size" in problem
 
 
@@ -202,20 +229,28 @@ def test_tensor_parallel_size_must_divide_the_heads():
 # docs/planner.md ships: one 8 x 80 GiB node for the dense models (4 engines + 4 ranks), four for 30B-A3B
 # (8 engines x TP 2 on nodes 0-1, 16 ranks on nodes 2-3; on 2 nodes the 8 ranks would sit at 94% of a GPU).
 PAPER_RUNS = {  # preset, prompts per step, responses per prompt, prompt + response horizon, layout
-    "Qwen3-1.7B": ("qwen3_1_7b", 64, 8, 1024 + 8192, ClusterLayout(1, 8, 80, 4, 1, 4)),
-    "Qwen3-1.7B-Base": ("qwen3_1_7b", 64, 8, 1024 + 8192, ClusterLayout(1, 8, 80, 4, 1, 4)),
-    "Qwen3-8B-Base": ("qwen3_8b", 128, 8, 1024 + 8192, ClusterLayout(1, 8, 80, 4, 1, 4)),
-    "Qwen3-30B-A3B-Base": ("qwen3_30b_a3b", 256, 16, 1024 + 16384, ClusterLayout(4, 8, 80, 8, 2, 16)),
+    "Qwen3-1.7B": ("qwen3_1_7b", 64, 8, 1024 + 8192, ClusterLayout(1, 8, GPU, 4, 1, 4)),
+    "Qwen3-1.7B-Base": ("qwen3_1_7b_base", 64, 8, 1024 + 8192, ClusterLayout(1, 8, GPU, 4, 1, 4)),
+    "Qwen3-8B-Base": ("qwen3_8b_base", 128, 8, 1024 + 8192, ClusterLayout(1, 8, GPU, 4, 1, 4)),
+    "Qwen3-30B-A3B-Base": ("qwen3_30b_a3b_base", 256, 16, 1024 + 16384, ClusterLayout(4, 8, GPU, 8, 2, 16)),
 }
 
 
+@pytest.mark.parametrize("utilization", [0.85, 0.9])  # the experiments' (conf/experiment/_paper_common.yaml), the CLI's
 @pytest.mark.parametrize("run", PAPER_RUNS)
-def test_paper_configs_plan_as_feasible(run):
+def test_paper_configs_plan_as_feasible(run, utilization):
     preset, prompts, n, seq_len, layout = PAPER_RUNS[run]
     concurrency = prompts * n // layout.num_engines
-    result = plan(PRESETS[preset], layout, micro_batch_size=1, seq_len=seq_len, concurrency=concurrency)
+    result = plan(
+        PRESETS[preset],
+        layout,
+        micro_batch_size=1,
+        seq_len=seq_len,
+        concurrency=concurrency,
+        gpu_memory_utilization=utilization,
+    )
     assert result.feasible, result.render()
-    assert sum(result.learner.values()) < 0.9 * 80 * GIB  # headroom: no "tight" warning
+    assert sum(result.learner.values()) < 0.9 * GPU * GIB  # headroom: no "tight" warning
     assert result.rollout.max_sequences >= 32
     assert (32 * n) % layout.learner_ranks == 0  # a mini-batch of 32 prompts splits over the ranks
 
@@ -256,3 +291,86 @@ def test_lower_zero_stages_keep_more_on_every_rank():
     assert full[1]["grads"] == BF16 * params and full[2]["grads"] == BF16 * math.ceil(params / 8)
     assert full[0]["optimizer"] == 12 * params and full[1]["optimizer"] == 12 * math.ceil(params / 8)
     assert full[2]["gathered"] == 0 < full[3]["gathered"]
+
+
+def test_weight_sync_receive_buffers_by_hand():
+    # Qwen3-8B: the embedding (or lm_head), 151936 x 4096 bf16, is both the largest tensor (a bucket of its own,
+    # above the 256 MiB budget) and the largest module vLLM loads as one unit: one bucket alive + the module's
+    # received tensors copied out of freed buckets + its materialised shard
+    embedding = 2 * 151936 * 4096
+    assert PRESETS["qwen3_8b"].largest_tensor_parameters() * 2 == embedding
+    assert PRESETS["qwen3_8b"].largest_module_parameters() * 2 == embedding
+    assert sync_receive_bytes(PRESETS["qwen3_8b"], 1, 256) == embedding + embedding + embedding
+    # Qwen3-30B-A3B: one layer's 128 experts (gate, up, down of 2048 x 768) form one FusedMoE module, sharded by TP;
+    # the largest tensor is a layer's fused gate/up experts, 128 x 1536 x 2048 (above the 151936 x 2048 embedding)
+    experts = 2 * 128 * 3 * 2048 * 768
+    gate_up_experts = 2 * 128 * 1536 * 2048
+    assert PRESETS["qwen3_30b_a3b"].largest_module_parameters() * 2 == experts
+    assert PRESETS["qwen3_30b_a3b"].largest_tensor_parameters() * 2 == gate_up_experts
+    assert sync_receive_bytes(PRESETS["qwen3_30b_a3b"], 2, 256) == gate_up_experts + experts + experts // 2
+    # tensors and modules smaller than the bucket: one bucket, the module's copies and its shard
+    small = replace(PRESETS["qwen3_8b"], vocab_size=1000)
+    gate_up = 2 * 2 * 4096 * 12288
+    assert sync_receive_bytes(small, 1, 1024) == 1024 * 2**20 + gate_up + gate_up
+    memory = rollout_memory(PRESETS["qwen3_8b"], 1, GPU, 0.85, 4, 1000, sync_bucket_mb=256)
+    assert memory.sync_receive == sync_receive_bytes(PRESETS["qwen3_8b"], 1, 256)
+    assert memory.outside_capacity == int(GPU * GIB) - int(0.85 * GPU * GIB)
+    assert memory.outside_needed == memory.sync_receive + 2 * GIB
+
+
+@pytest.mark.parametrize(("utilization", "bucket_mb"), [(0.97, 256), (0.9, 4096)])
+def test_weight_sync_buffers_outside_the_vllm_budget_are_refused(utilization, bucket_mb):
+    layout = ClusterLayout(1, 8, GPU, 4, 1, 4)
+    kwargs = {"micro_batch_size": 1, "seq_len": 9216, "concurrency": 256}
+    result = plan(PRESETS["qwen3_8b"], layout, gpu_memory_utilization=utilization, sync_bucket_mb=bucket_mb, **kwargs)
+    (problem,) = result.problems
+    assert "outside vLLM's budget" in problem
+    assert f"rollout.gpu_memory_utilization={utilization:g}" in problem and f"sync_bucket_mb={bucket_mb}" in problem
+    assert f"weight-sync receive ({bucket_mb} MiB buckets)" in result.render()
+    assert "DOES NOT FIT" in result.render()
+    assert plan(PRESETS["qwen3_8b"], layout, gpu_memory_utilization=0.85, sync_bucket_mb=256, **kwargs).feasible
+
+
+@pytest.mark.parametrize("utilization", [0.0, -0.5, 1.5])
+def test_gpu_memory_utilization_outside_0_1_is_refused(utilization):
+    layout = ClusterLayout(1, 8, GPU, 4, 1, 4)
+    result = plan(PRESETS["qwen3_1_7b"], layout, micro_batch_size=1, seq_len=9216, concurrency=128,
+                  gpu_memory_utilization=utilization)  # fmt: skip
+    assert result.problems == [f"rollout.gpu_memory_utilization={utilization:g} must lie in (0, 1]: it is the share "
+                               "of each engine GPU that vLLM takes for weights, activations and KV cache"]  # fmt: skip
+    assert "INFEASIBLE" in result.render()
+
+
+def test_max_model_len_beyond_the_model_context_is_refused():
+    layout = ClusterLayout(1, 8, GPU, 4, 1, 4)
+    kwargs = {"micro_batch_size": 1, "concurrency": 8}
+    (problem,) = plan(PRESETS["qwen3_8b_base"], layout, seq_len=40960, **kwargs).problems
+    assert problem.startswith("rollout.max_model_len=40960 exceeds the model's context of 32768 tokens")
+    assert plan(PRESETS["qwen3_8b"], layout, seq_len=40960, **kwargs).feasible  # post-trained: 40960
+    assert plan(PRESETS["qwen3_8b_base"], layout, seq_len=32768, **kwargs).feasible
+    unknown = replace(PRESETS["qwen3_8b"], max_position_embeddings=0)
+    assert not any("model's context" in p for p in plan(unknown, layout, seq_len=10**6, **kwargs).problems)
+
+
+def test_the_default_gpu_is_the_usable_memory_of_an_80gb_card(capsys):
+    # torch.cuda.get_device_properties(0).total_memory of an H100 SXM 80GB and an A100 80GB, in bytes
+    assert GPU_80GB_USABLE_GIB <= min(85_029_158_912, 85_198_045_184) / GIB < 80
+    assert ClusterConfig().gpu_memory_gib == GPU_80GB_USABLE_GIB
+    assert main(["--model", "qwen3_1_7b", "--seq-len", "9216", "--engines", "4", "--learner-ranks", "4"]) == 0
+    assert f"8 GPUs x {GPU_80GB_USABLE_GIB:g} GiB" in capsys.readouterr().out
+
+
+def test_a_run_config_plans_its_sync_bucket_and_context():
+    from cppo_rl.plan import plan_config
+    from cppo_rl.preflight import compose
+
+    config, _ = compose(["experiment=qwen3_8b_base"])
+    result = plan_config(config)
+    assert result.feasible and result.shape == PRESETS["qwen3_8b_base"]
+    assert result.rollout.sync_receive == sync_receive_bytes(PRESETS["qwen3_8b_base"], 1, config.learner.sync_bucket_mb)
+    config.learner.sync_bucket_mb = 8192
+    assert any("learner.sync_bucket_mb=8192" in p for p in plan_config(config).problems)
+    config, _ = compose(
+        ["experiment=qwen3_8b_base", "rollout.max_model_len=40960", "rollout.max_response_length=32768"]
+    )
+    assert any(p.startswith("rollout.max_model_len=40960 exceeds") for p in plan_config(config).problems)
