@@ -31,7 +31,7 @@ export HF_HOME := $(CACHE_DIR)/huggingface
 test test-unit bench: export HF_HUB_OFFLINE := 1
 export WANDB_DIR := $(CACHE_DIR)/wandb
 
-.PHONY: setup test test-unit lint format train bench lock clean
+.PHONY: setup test test-unit lint format train bench gpu-smoke lock clean
 
 setup: $(STAMP)
 
@@ -65,9 +65,15 @@ format: setup
 train: setup
 	$(BIN)/python -m cppo_rl.train $(ARGS)
 
-# make bench [BENCH=chunked_logprobs|policy_mask_cost|weight_sync|rollout_throughput|scaling|trl_compare] [BENCH_ARGS=--quick]
+# make bench [BENCH=chunked_logprobs|policy_mask_cost|weight_sync|rollout_throughput|scaling|trl_compare|driver_bytes] [BENCH_ARGS=--quick]
 bench: setup
 	$(BIN)/python -m bench $(BENCH) $(BENCH_ARGS)
+
+# The first check on a new GPU node (docs/gpu.md), after `make setup DEVICE=gpu`: the tiny model on 2 GPUs, PASS/FAIL
+# per check. Not tied to `setup` (which would install the CPU stack by default); ARGS=--cpu rehearses it on the CPU stack.
+gpu-smoke:
+	@test -x $(BIN)/python || { echo "no $(VENV): run 'make setup DEVICE=gpu' first"; exit 1; }
+	$(BIN)/python -m cppo_rl.experiments.gpu_smoke $(ARGS)
 
 # Re-pin requirements/cpu.txt from the current venv (after a deliberate upgrade).
 lock: setup

@@ -161,6 +161,11 @@ def micro_step(
         tv = topk_tv(on_device.topk_logprobs, logprobs.detach())[valid].sum()
         metrics["rollout_learner_logprob_mismatch"] = torch.stack([gap, tokens])
         metrics["rollout_learner_topk_tv"] = torch.stack([tv, tokens])
+        # the first mini-batch trains on the weights that sampled it: what its trust region masks there, the
+        # engine/learner numerical mismatch alone masked (bf16 kernels can spend CPPO's prefix budget by themselves)
+        for name in ("masked_frac", "masked_by_prefix_frac"):
+            if name in metrics:
+                metrics[f"mismatch_{name}"] = metrics[name]
     return metrics
 
 

@@ -214,17 +214,20 @@ class LearnerWorker:
         update), `rollout_learner_topk_tv` and `skipped_updates` (updates not applied because their
         loss or gradient was not finite).
         """
-        if batch.advantages is None:
-            raise ValueError("LearnerWorker.train_on_batch: the batch has no advantages; compute them first")
-        if batch.num_responses != self.config.responses_per_step:
-            raise ValueError(
-                f"LearnerWorker.train_on_batch: got {batch.num_responses} responses, configured for "
-                f"responses_per_step={self.config.responses_per_step}"
-            )
+        self._check_batch("train_on_batch", batch.num_responses, batch.advantages)
         shards = step.split_shards(
             batch, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
         )
         return self.train_on_shards(shards)
+
+    def _check_batch(self, caller: str, num_responses: int, advantages: torch.Tensor | None) -> None:
+        if advantages is None:
+            raise ValueError(f"LearnerWorker.{caller}: the batch has no advantages; compute them first")
+        if num_responses != self.config.responses_per_step:
+            raise ValueError(
+                f"LearnerWorker.{caller}: got {num_responses} responses, configured for "
+                f"responses_per_step={self.config.responses_per_step}"
+            )
 
     def train_on_refs(self, source: RolloutSource) -> dict[str, float]:
         """`train_on_batch` on a batch held by reference (cppo_rl/data_plane.py): this rank fetches only the
@@ -232,13 +235,7 @@ class LearnerWorker:
         update and metrics as `train_on_batch` of the whole batch."""
         from cppo_rl.learner.shards import shards_from_source
 
-        if source.advantages is None:
-            raise ValueError("LearnerWorker.train_on_refs: the batch has no advantages; compute them first")
-        if source.num_responses != self.config.responses_per_step:
-            raise ValueError(
-                f"LearnerWorker.train_on_refs: got {source.num_responses} responses, configured for "
-                f"responses_per_step={self.config.responses_per_step}"
-            )
+        self._check_batch("train_on_refs", source.num_responses, source.advantages)
         shards = shards_from_source(
             source, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
         )

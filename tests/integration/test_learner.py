@@ -87,6 +87,7 @@ def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids
         assert first["rollout_learner_topk_tv"] < 1e-4
         assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses
         assert first["masked_frac"] == 0.0
+        assert first["mismatch_masked_frac"] == 0.0  # reported for the first mini-batch (what mismatch masked)
         trained = learner.gather_weights()
         assert [n for n, _ in trained] == [n for n, _ in original]
         assert (_flat(trained) - _flat(original)).abs().max() > 1e-4

@@ -98,3 +98,18 @@ def test_the_prompt_template_wraps_each_problem(tmp_path):
     assert tokenizer.turns == [
         "Find $x$ if {x}=2.\n\nPlease reason step by step, and put your final answer within \\boxed{}."
     ]
+
+
+# the slowest decoding an engine of these settings should sustain over a whole call (tokens/s, all sequences
+# together): far below vLLM's batched decode on one H100, so a healthy engine is never taken for a hung one
+SLOWEST_HEALTHY_TOKENS_PER_S = 1000
+EVAL_PROMPTS = 30 + 30 + 30  # AIME 2024, 2025, 2026
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_3))
+def test_generate_timeout_outlasts_the_longest_healthy_call(name):
+    config = _compose(f"experiment={name}")
+    t, r = config.trainer, config.rollout
+    responses = max(t.responses_per_step, EVAL_PROMPTS * r.eval_samples)
+    longest_call_s = -(-responses // r.num_engines) * r.max_response_length / SLOWEST_HEALTHY_TOKENS_PER_S
+    assert r.generate_timeout_s >= longest_call_s, (name, longest_call_s)
