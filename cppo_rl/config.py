@@ -189,7 +189,12 @@ class LoggingConfig:
     entity: str | None = None
     run_name: str | None = None
     tags: list[str] = field(default_factory=list)
-    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or online / offline / disabled
+    # auto: WANDB_MODE when set (WANDB_DISABLED=true: disabled), else online when WANDB_API_KEY is set, else
+    # offline; or online / offline / disabled, which win over WANDB_MODE
+    mode: str = "auto"
+    # the most seconds an online wandb.init waits for the server (wandb's own default: 90); when it fails
+    # (timeout, refused or malformed key, no network) the run logs offline and says how to upload it later
+    init_timeout_s: float = 30.0
 
 
 @dataclass
@@ -507,6 +512,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
         "reward.timeout_s": rw.timeout_s,
         "model.warm_start_max_seconds": m.warm_start_max_seconds,
         "cluster.gpu_memory_gib": c.gpu_memory_gib,
+        "logging.init_timeout_s": config.logging.init_timeout_s,
     }
     problems = [f"{key}={value} must be >= 1" for key, value in at_least_one.items() if value < 1]
     problems += [f"{key}={value} must be >= 0 (0 turns it off)" for key, value in off_at_zero.items() if value < 0]

@@ -74,6 +74,8 @@ class StopRequests:
 
 def summary_screen(summary: dict, run_dir: str, resume_command: str) -> str:
     """The one-screen end-of-run summary: accuracy start -> end (best), time per phase, where files are."""
+    from cppo_rl.controller.tracker import wandb_location
+
     phase_seconds = summary["mean_step_seconds"]
     status = "stopped early by " + summary["interrupted_by"] if summary.get("interrupted_by") else "finished"
     lines = [
@@ -86,8 +88,7 @@ def summary_screen(summary: dict, run_dir: str, resume_command: str) -> str:
         f"  run directory      {run_dir}",
         f"  metrics            {run_dir}/metrics.jsonl  (charts: python -m cppo_rl.report {run_dir})",
         f"  checkpoint         {summary['checkpoint']}",
-        f"  W&B                {summary['wandb_dir'] or 'disabled'}"
-        + (f"  (upload: wandb sync {summary['wandb_dir']})" if summary["wandb_dir"] else ""),
+        f"  W&B                {wandb_location(summary)}",
     ]
     if summary.get("interrupted_by"):
         lines.append(f"  resume with        {resume_command}")

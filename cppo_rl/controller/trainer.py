@@ -464,7 +464,7 @@ class Trainer:
                     "wall_seconds": round(elapsed_before + time.perf_counter() - started, 1),
                     "rollout_learner_logprob_mismatch": metrics.get("actor/rollout_learner_logprob_mismatch"),
                     "algorithm": config.algorithm.name,
-                    "wandb_dir": tracker.wandb_dir,
+                    **tracker.summary(),
                     "checkpoint": checkpoint,
                     "model_path": model_path,
                     "interrupted_by": stop.requested,

@@ -383,11 +383,14 @@ class LearnerGroup:
     ) -> None:
         import ray
 
+        from cppo_rl.learner import ops_cache
+
         config.micro_steps(world_size)  # fail before any actor starts
+        # one extensions build directory for every rank; a stale torch build lock there is refused here
+        # instead of leaving every rank waiting in DeepSpeed's op build forever (ops_cache.py)
+        env = ops_cache.learner_env(num_cpus_per_rank, use_gpu, threads_per_rank)
+        ops_cache.check_build_locks(env["TORCH_EXTENSIONS_DIR"])
         actor_class = ray.remote(LearnerWorker)
-        env = {"OMP_NUM_THREADS": str(threads_per_rank or max(1, int(num_cpus_per_rank)))}
-        if not use_gpu:
-            env["DS_ACCELERATOR"] = "cpu"
         self.workers = []
         for rank in range(world_size):
             options = {"num_cpus": num_cpus_per_rank, "num_gpus": 1 if use_gpu else 0, "runtime_env": {"env_vars": env}}
@@ -396,7 +399,8 @@ class LearnerGroup:
             self.workers.append(actor_class.options(**options).remote(config, loss_name, loss_config, rank, world_size))
         self.timeout_s = timeout_s
         address, port = ray.get(self.workers[0].free_address.remote(), timeout=timeout_s)
-        get_all([worker.setup.remote(address, port) for worker in self.workers], "learner setup", timeout_s)
+        with ops_cache.watch_setup(env["TORCH_EXTENSIONS_DIR"]):
+            get_all([worker.setup.remote(address, port) for worker in self.workers], "learner setup", timeout_s)
 
     def _all(self, method: str, *args: object) -> list:
         """Call `method` on every rank; raises ActorFailure at once if a rank dies (the others would wait

@@ -181,12 +181,14 @@ def test_finished_chunks_outlive_their_engine(ray_local, rollout_workers, chat_p
 
     from cppo_rl.remote import ACTOR_GONE
     from cppo_rl.rollout.engine import EngineConfig
-    from cppo_rl.rollout.worker import RolloutGroup, start_rollout_workers
+    from cppo_rl.rollout.worker import RolloutGroup, start_rollout_workers, wait_until_dead
 
     sampling = _sampling(n=8, max_tokens=64, logprobs_k=20)
     doomed = start_rollout_workers(EngineConfig(str(tiny_model_dir), max_model_len=256, seed=0), 1, num_cpus=0.25)
     refs = RolloutGroup(doomed).generate_refs(chat_prompt_ids, sampling)
     ray.kill(doomed[0], no_restart=True)
+    # ray.kill is asynchronous: a probe sent just after it may still be answered; wait until one fails
+    wait_until_dead(doomed[0], timeout_s=60)
     with pytest.raises(ACTOR_GONE):
         ray.get(doomed[0].ready.remote(), timeout=60)
     fetched = refs.fetch()

@@ -1,9 +1,11 @@
-"""The cluster launch files, checked without a cluster: the Slurm script under stand-ins for srun, scontrol and
+"""The cluster launch files, checked without a cluster: launch/submit.sh's token handling against a stand-in job
+server and a stand-in `ray`; the Slurm script under stand-ins for srun, scontrol and
 python; the KubeRay RayJob parsed and its entrypoint composed and planned against conf/; hadolint on both
 Dockerfiles; the CPU image installing under the Makefile's lock file; commands named in the docs existing."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -11,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,7 @@ from cppo_rl.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "launch" / "slurm" / "cppo_ray.sbatch"
+SUBMIT = REPO / "launch" / "submit.sh"
 RAYJOB = REPO / "launch" / "kuberay" / "rayjob.yaml"
 DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cpu"]
 SECRET_NAMES = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
@@ -41,6 +46,138 @@ def _tool(name: str) -> str | None:
     """A tool from this venv's bin/ (dev dependencies) or else from PATH."""
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.exists() else shutil.which(name)
+
+
+# ---------------------------------------------------------------- submit.sh
+
+CLUSTER_TOKEN = "c1u5ter70ken" * 4
+
+
+class _JobServer(BaseHTTPRequestHandler):
+    """Ray 2.60's job server as far as submit.sh sees it: /api/authentication_mode answers anyone, /api/version
+    wants `Authorization: Bearer TOKEN` when the mode is token (401 without, 403 with another token)."""
+
+    mode = "token"
+
+    def do_GET(self):
+        if self.path == "/api/authentication_mode":
+            self._answer(200, {"authentication_mode": self.mode})
+        elif self.path == "/api/version":
+            header = self.headers.get("Authorization", "")
+            if self.mode == "token" and not header:
+                self._answer(401, "Unauthorized: Missing authentication token")
+            elif self.mode == "token" and header != f"Bearer {CLUSTER_TOKEN}":
+                self._answer(403, "Forbidden: Invalid authentication token")
+            else:
+                self._answer(200, {"ray_version": "2.60.0"})
+        else:
+            self._answer(404, "not found")
+
+    def _answer(self, status, body):
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def submit(tmp_path):
+    """Runs launch/submit.sh against a stand-in job server (mode token unless told) with a stand-in `ray` that
+    records the auth settings it was called with; returns run(mode=..., **environment) -> (result, ray's record
+    or None when it was not called)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "ray_called"
+    (bin_dir / "ray").write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "mode=${RAY_AUTH_MODE:-unset} token=${RAY_AUTH_TOKEN:+set} path=${RAY_AUTH_TOKEN_PATH:-unset} $*"'
+        f" > {record}\n"
+    )
+    (bin_dir / "ray").chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    servers = []
+
+    def run(mode: str = "token", **extra: str):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), type("Server", (_JobServer,), {"mode": mode}))
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        record.unlink(missing_ok=True)
+        env = {
+            "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}/usr/bin{os.pathsep}/bin",
+            "HOME": str(home),
+            "RAY_ADDRESS": f"http://127.0.0.1:{server.server_address[1]}",
+            **extra,
+        }
+        result = subprocess.run(
+            ["bash", str(SUBMIT), "experiment=smoke"], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert CLUSTER_TOKEN not in result.stdout + result.stderr  # never shown
+        return result, (record.read_text() if record.exists() else None)
+
+    yield run, home
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_submit_parses_and_passes_shellcheck():
+    subprocess.run(["bash", "-n", str(SUBMIT)], check=True)
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run([shellcheck, str(SUBMIT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_submit_uses_the_token_ray_keeps_on_this_machine(submit):
+    """A head started with Ray 2.60's defaults on this machine wants the token in ~/.ray/auth_token; a shell
+    without RAY_AUTH_* gets RAY_AUTH_MODE=token for the `ray job submit` call only."""
+    run, home = submit
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(CLUSTER_TOKEN)
+    result, called = run()
+    assert result.returncode == 0, result.stderr
+    assert called and called.startswith("mode=token token= path=unset job submit --address http://127.0.0.1:")
+    assert called.rstrip().endswith(
+        "-m cppo_rl.train cluster=existing trainer.output_dir=/tmp/cppo_rl/runs experiment=smoke"
+    )
+    # the token from RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN wins over the default file, as in Ray
+    elsewhere = home / "copied_token"
+    elsewhere.write_text(CLUSTER_TOKEN + "\n")
+    (home / ".ray" / "auth_token").write_text("stale")
+    result, called = run(RAY_AUTH_TOKEN_PATH=str(elsewhere))
+    assert result.returncode == 0 and called.startswith(f"mode=token token= path={elsewhere} "), result.stderr
+    result, called = run(RAY_AUTH_TOKEN=CLUSTER_TOKEN, RAY_AUTH_MODE="disabled")
+    assert result.returncode == 0 and called.startswith("mode=token token=set path=unset "), result.stderr
+    # a cluster without token authentication: nothing is changed
+    result, called = run(mode="disabled")
+    assert result.returncode == 0 and called.startswith("mode=unset token= path=unset "), result.stderr
+
+
+def test_submit_without_the_clusters_token_stops_before_ray_and_says_what_to_set(submit):
+    run, home = submit
+    result, called = run()
+    assert result.returncode == 1 and called is None, result.stderr
+    message = " ".join(result.stderr.split())
+    assert message.startswith("launch/submit.sh: the Ray cluster at http://127.0.0.1:")
+    assert f"{home}/.ray/auth_token is missing or empty" in message
+    assert "in ~/.ray/auth_token of the user who ran `ray start --head`" in message
+    assert "set RAY_AUTH_TOKEN_PATH=/path/to/the/copy" in message and "RAY_AUTH_MODE=token" in message
+    result, called = run(RAY_AUTH_TOKEN_PATH=str(home / "nowhere"))
+    assert (
+        result.returncode == 1 and called is None and f"RAY_AUTH_TOKEN_PATH={home}/nowhere is missing" in result.stderr
+    )
+    # a token that is not the cluster's (say, this machine's own from a local run): refused, Ray not called
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("not-the-clusters-token")
+    result, called = run()
+    assert result.returncode == 1 and called is None, result.stderr
+    assert f"refused the token from {home}/.ray/auth_token" in result.stderr
 
 
 # ---------------------------------------------------------------- Slurm
