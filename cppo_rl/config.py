@@ -376,6 +376,19 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def _attn_implementation_problems(value: str) -> list[str]:
+    """`learner.attn_implementation` must be auto, eager, a kernel transformers registers
+    (`AttentionInterface`, modeling_utils.ALL_ATTENTION_FUNCTIONS) or a hub kernel ("org/repo")."""
+    if value in ("auto", "eager", "sdpa") or "/" in value:
+        return []
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = sorted({"auto", "eager", *ALL_ATTENTION_FUNCTIONS.keys()} - {"paged|eager"})
+    if value in known:
+        return []
+    return [f"learner.attn_implementation={value!r}: use one of {', '.join(known)} (or a hub kernel, org/repo)"]
+
+
 def config_problems(config: TrainConfig) -> list[str]:
     """What `validate` refuses, one message per problem (none repeated)."""
     from cppo_rl.algorithms import ADVANTAGES
@@ -402,8 +415,7 @@ def config_problems(config: TrainConfig) -> list[str]:
         problems.append(
             f"learner.router_aux_loss_coef={lrn.router_aux_loss_coef}: use null (the model's), 0 (off) or > 0"
         )
-    if not lrn.attn_implementation:
-        problems.append("learner.attn_implementation is empty: use auto, sdpa, eager, flash_attention_2, ...")
+    problems += _attn_implementation_problems(lrn.attn_implementation)
     if a.advantage not in ADVANTAGES:
         problems.append(f"algorithm.advantage={a.advantage!r}: use one of {', '.join(sorted(ADVANTAGES))}")
     if t.samples_per_prompt < 2:

@@ -82,6 +82,14 @@ def test_the_new_learner_keys_reach_the_rank_and_are_checked():
     config = TrainConfig()
     config.learner.router_aux_loss_coef = -1.0
     assert any("learner.router_aux_loss_coef" in p for p in config_problems(config))
+    for bad in ("", "flash_attention2"):  # an unknown kernel fails here, not in the ranks' from_pretrained
+        config = TrainConfig()
+        config.learner.attn_implementation = bad
+        assert any(p.startswith(f"learner.attn_implementation={bad!r}: use one of") for p in config_problems(config))
+    for good in ("auto", "eager", "sdpa", "flash_attention_2", "kernels-community/flash-attn"):
+        config = TrainConfig()
+        config.learner.attn_implementation = good
+        assert not any("attn_implementation" in p for p in config_problems(config))
 
 
 def test_router_stats_live_on_the_router_logits_device():
