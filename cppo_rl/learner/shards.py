@@ -10,18 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cppo_rl.algorithms import LossNormaliser
 from cppo_rl.data_plane import ChunkTensors, RolloutSource, gather_rows
-from cppo_rl.learner.step import Shard
-
-
-def minibatch_normaliser(source: RolloutSource, start: int, stop: int, horizon) -> LossNormaliser:
-    """The global normaliser of mini-batch rows start..stop-1 from their lengths: valid tokens, responses
-    with >= 1 token and, unless `horizon` is the loss config's constant (an int), the mini-batch's padded
-    width (its longest response), as `split_shards` computes them from the whole mini-batch."""
-    lengths = source.response_lengths[start:stop]
-    width = None if isinstance(horizon, int) else (int(lengths.max()) if stop > start else 0)
-    return LossNormaliser(num_tokens=int(lengths.sum()), num_sequences=int((lengths > 0).sum()), horizon=width)
+from cppo_rl.learner.step import Shard, minibatch_normaliser
 
 
 def shards_from_source(
@@ -43,7 +33,7 @@ def shards_from_source(
     cache: dict[int, ChunkTensors] = {}
     shards = []
     for update in range(updates):
-        normaliser = minibatch_normaliser(source, update * size, (update + 1) * size, horizon)
+        normaliser = minibatch_normaliser(source.response_lengths[update * size : (update + 1) * size], horizon)
         start = update * size + rank * share
         mine = gather_rows(source, start, start + share, get, cache)
         shards.append(Shard(batch=mine, normaliser=normaliser, first=update == 0))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cppo_rl.algorithms import LossNormaliser, PolicyLossInputs, local_counts
+from cppo_rl.algorithms import LossNormaliser, PolicyLossInputs
 from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
 
@@ -30,6 +30,15 @@ class Shard:
     anchor: tuple[torch.Tensor, torch.Tensor] | None = field(default=None)
 
 
+def minibatch_normaliser(lengths: torch.Tensor, horizon) -> LossNormaliser:
+    """The global normaliser of a mini-batch from its responses' lengths (int [M]): valid tokens, responses
+    with >= 1 token and, unless `horizon` is the loss config's constant (an int), seq-mean-token-sum-norm's
+    horizon: the mini-batch's padded width, its longest response (one width for every micro-batch and rank:
+    micro-batches are trimmed to their own longest response)."""
+    width = None if isinstance(horizon, int) else (int(lengths.max()) if lengths.numel() else 0)
+    return LossNormaliser(num_tokens=int(lengths.sum()), num_sequences=int((lengths > 0).sum()), horizon=width)
+
+
 def split_shards(batch: RolloutBatch, updates: int, rank: int, world_size: int, horizon) -> list[Shard]:
     """`updates` contiguous mini-batches of `batch`, each cut into `world_size` contiguous shares; this
     rank's share of each. `horizon`: the loss config's (an int, or None for the mini-batch's padded width)."""
@@ -38,11 +47,7 @@ def split_shards(batch: RolloutBatch, updates: int, rank: int, world_size: int, 
     shards = []
     for update in range(updates):
         minibatch = batch.select(range(update * size, (update + 1) * size))
-        tokens, sequences = local_counts(minibatch.response_mask)
-        # seq-mean-token-sum-norm's horizon: the loss config's constant, else the mini-batch's padded width
-        # (one width for every micro-batch and rank: micro-batches are trimmed to their own longest response)
-        width = None if isinstance(horizon, int) else minibatch.response_mask.shape[1]
-        normaliser = LossNormaliser(num_tokens=tokens, num_sequences=sequences, horizon=width)
+        normaliser = minibatch_normaliser(minibatch.response_lengths, horizon)
         mine = minibatch.select(range(rank * share, (rank + 1) * share))
         shards.append(Shard(batch=mine, normaliser=normaliser, first=update == 0))
     return shards
