@@ -216,6 +216,10 @@ class TrainerConfig:
     progress_bar: bool = True  # a live bar on a terminal; one plain line per step otherwise
     max_restarts: int = 0  # times the run starts again from its latest checkpoint after an actor dies or hangs
     max_skipped_steps: int = 3  # stop after this many steps in a row with every update skipped (non-finite); 0 = never
+    # asynchronous rollouts: the engines generate the batch of step n + k while the learner trains step n, so a
+    # sample is trained at most k policy versions after the one that sampled it; 0 = synchronous
+    # (cppo_rl/controller/pipeline.py, docs/training.md)
+    max_staleness: int = 0
 
     @property
     def updates_per_rollout(self) -> int:
@@ -511,6 +515,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
         "trainer.keep_checkpoints": t.keep_checkpoints,
         "trainer.max_skipped_steps": t.max_skipped_steps,
         "trainer.max_restarts": t.max_restarts,
+        "trainer.max_staleness": t.max_staleness,
         "rollout.max_engine_restarts": r.max_engine_restarts,
         "learner.threads_per_rank": lrn.threads_per_rank,
         "cluster.num_gpus": c.num_gpus,

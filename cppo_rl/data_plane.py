@@ -299,3 +299,37 @@ def gather_rows(
         rewards=rows_of(source.rewards),
         advantages=rows_of(source.advantages),
     )
+
+
+@dataclass
+class SavedRollouts:
+    """The scored batches generated ahead, as a checkpoint carries them (learner rank 0 fetches the heavy
+    parts by reference and writes them: `write_rollouts`). Each item: step, chunks (the
+    light parts), tensors (refs, nested here so Ray does not resolve them), rewards, advantages, outcomes,
+    version."""
+
+    items: list[dict]
+
+
+def write_rollouts(directory, saved, get: Callable[[object], ChunkTensors]) -> int:
+    """Write the scored batches a checkpoint carries (SavedRollouts) into
+    `directory`: one file per batch, its heavy parts fetched one batch at a time with `get` (ray.get).
+    Returns the bytes written."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for item in saved.items:
+        path = directory / f"step_{item['step']:06d}.pt"
+        torch.save({**item, "tensors": [get(ref) for ref in item["tensors"]]}, path)
+        written += path.stat().st_size
+    return written
+
+
+def read_rollouts(directory) -> list[dict]:
+    """The batches `write_rollouts` wrote (heavy parts as ChunkTensors), in step order; [] when none."""
+    from pathlib import Path
+
+    paths = sorted(Path(directory).glob("step_*.pt")) if Path(directory).is_dir() else []
+    return [torch.load(path, weights_only=False) for path in paths]

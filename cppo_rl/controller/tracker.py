@@ -289,6 +289,20 @@ class Tracker:
 
             self._wandb(step, chart)
 
+    def staleness_chart(self, rows: list[list[float]], step: int) -> None:
+        """A W&B scatter of the masked fraction against staleness (policy versions between generation and
+        training), one point per trained step so far (`rows`: [step, staleness, masked fraction])."""
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        def chart():
+            table = wandb.Table(columns=["step", "staleness", "masked fraction"], data=rows)
+            figure = wandb.plot.scatter(table, "staleness", "masked fraction", title="masked fraction by staleness")
+            self.run.log({"charts/masked_frac_by_staleness": figure}, step=step)
+
+        self._wandb(step, chart)
+
     def finish(self) -> None:
         if self.run is None:
             return

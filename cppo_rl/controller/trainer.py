@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from cppo_rl.algorithms import count_constant_groups, get_advantage
-from cppo_rl.config import TrainConfig, engine_config, learner_config, policy_loss_config, sampling_config
+from cppo_rl.config import TrainConfig, policy_loss_config, sampling_config
 from cppo_rl.data.dataset import Example, PromptLoader, encode_prompts, load_examples, prompt_text
-from cppo_rl.data_plane import RolloutRefs
 
 CHECKPOINTS = "checkpoints"
 # keys a resumed run may change without changing what it computes (everything else is warned about)
@@ -174,156 +173,32 @@ class Trainer:
 
         return model_path, files(data.train_files, "train"), files(data.eval_files, "test")[: data.eval_prompts]
 
-    def _placement(self):
-        """One placement group holding every rollout engine and learner rank (so the run starts only when all
-        of them fit; cppo_rl.controller.placement); returns the placed group."""
-        from cppo_rl.controller.placement import place, placement_layout
-
-        placed = place(placement_layout(self.config))
-        self.placement_group = placed.group
-        self.placement = placed.summary
-        return placed
-
-    def _start_actors(self, model_path: str) -> None:
-        from cppo_rl.learner.worker import LearnerGroup
-        from cppo_rl.rewards import RewardPool
-        from cppo_rl.rollout.worker import RolloutGroup, WorkerLauncher
-
-        c, r, lrn = self.config.cluster, self.config.rollout, self.config.learner
-        use_gpu = c.num_gpus > 0
-        placed = self._placement()
-        engines, ranks = placed.layout.engines, placed.layout.learners
-        self.rollout = RolloutGroup.start(
-            WorkerLauncher(
-                engine_config(self.config, model_path),
-                c.cpus_per_engine,
-                use_gpu,
-                [placed.strategy(slot) for slot in engines],
-                slots=engines,
-                placed=placed,
-            ),
-            r.num_engines,
-        )
-        self.learner = LearnerGroup(
-            learner_config(self.config, model_path),
-            self.config.algorithm.name,
-            self.loss_config,
-            lrn.world_size,
-            num_cpus_per_rank=c.cpus_per_learner,
-            use_gpu=use_gpu,
-            scheduling_strategies=[placed.strategy(slot) for slot in ranks],
-            timeout_s=lrn.call_timeout_s,
-            threads_per_rank=lrn.threads_per_rank,
-        )
-        self.sync = self._weight_sync()
-        self.version = 0  # the policy version the engines hold
-        self.engine_restarts = 0
-        rw = self.config.reward
-        self.rewards = RewardPool(rw.num_workers, rw.timeout_s, rw.memory_limit_mb, grader=rw.grader)
-
-    def _restore(self, state: RunState, tracker_history: Path) -> None:
+    def _restore(self, state: RunState, tracker_history: Path, pipeline) -> None:
         """Learner state from the resume checkpoint (whose controller state is `state`), the engines
-        re-synced to it, the local history rewound to it."""
+        re-synced to it, the batches generated ahead back in `pipeline`, the local history rewound to it."""
+        import ray
+
         from cppo_rl.controller.tracker import rewind_history
+        from cppo_rl.data_plane import read_rollouts
+        from cppo_rl.learner.checkpoint import ROLLOUTS_DIR
 
         changed = config_changes(state.config, dataclasses.asdict(self.config))
         if changed:
             print("warning: resuming with a different configuration:\n  " + "\n  ".join(changed), flush=True)
-        self.learner.load_checkpoint(str(self.resume_from))
-        self._sync(state.step)
+        self.roles.learner.load_checkpoint(str(self.resume_from))
+        self.roles.sync(state.step)
+        pipeline.restore(read_rollouts(self.resume_from / ROLLOUTS_DIR), ray.put)
         source_run = self.resume_from.parent.parent
         source = None if source_run.resolve() == self.run_dir.resolve() else source_run / tracker_history.name
         rewind_history(tracker_history, state.step, source)
         print(f"resumed from {self.resume_from} (step {state.step})", flush=True)
 
-    def _weight_sync(self):
-        """A weight-sync channel between the current learner and engines (rebuilt when engines are replaced).
-        Building it needs the learner's rank 0: if that actor is gone, ActorFailure (the run restarts
-        from its latest checkpoint, `run_with_restarts`)."""
-        import ray
-
-        from cppo_rl.remote import ActorFailure
-        from cppo_rl.sync.weight_sync import WeightSync
-
-        lrn = self.config.learner
-        try:
-            return WeightSync(
-                self.learner, self.rollout, lrn.sync_transport, lrn.sync_bucket_mb << 20, lrn.sync_timeout_s
-            )
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
-            raise ActorFailure(f"building the weight sync: an actor died ({type(error).__name__}: {error})") from error
-
-    # -- rollout engines that die or hang -------------------------------------------------------------
-
-    def _generate(self, prompt_ids: list[list[int]], sampling) -> RolloutRefs:
-        """`self.rollout.generate_refs`, replacing engines that die or hang (their chunks are generated again
-        by the replacements, with the same per-prompt seeds and weights: the batch is the same). The
-        finished chunks' tensors stay in the object store meanwhile (this process owns them)."""
-        from cppo_rl.rollout.worker import RolloutWorkersLost
-
-        finished = {}
-        while True:
-            try:
-                return self.rollout.generate_refs(
-                    prompt_ids, sampling, timeout_s=self.config.rollout.generate_timeout_s, finished=finished
-                )
-            except RolloutWorkersLost as lost:
-                finished = lost.finished
-                self._replace_engines(lost.workers, "; ".join(lost.causes))
-
-    def _sync(self, version: int):
-        """Sync the learner's weights to the engines as `version`.
-
-        If that fails: with a learner rank gone (or not answering; on NCCL rank 0's watchdog tears its
-        process down when a broadcast outlives the sync group's timeout), ActorFailure, and
-        `run_with_restarts` starts the run again from its latest checkpoint. Otherwise, if an engine is
-        gone, every engine is replaced (the survivors may be blocked in the broken collective until its
-        timeout) and the weights are synced afresh over a new group."""
-        import ray
-
-        from cppo_rl.remote import ACTOR_GONE, ActorFailure, get_all
-
-        try:
-            stats = self.sync.sync(version)
-        except (ActorFailure, ray.exceptions.RayError) as error:
-            try:  # is the learner still there? (a failed broadcast leaves its ranks free once it raised)
-                get_all([w.learning_rate.remote() for w in self.learner.workers], "probing the learner", 60.0)
-            except (ActorFailure, *ACTOR_GONE) as learner_gone:
-                raise ActorFailure(f"weight sync failed ({error}); the learner is gone: {learner_gone}") from error
-            gone = self.rollout.unreachable_workers()
-            if not gone:
-                raise
-            return self._replace_engines(
-                list(range(len(self.rollout.workers))),
-                f"weight sync failed ({error.__class__.__name__}) with workers {gone} gone",
-                version,
-            )
-        self.version = version
-        return stats
-
-    def _replace_engines(self, indices: list[int], cause: str, version: int | None = None):
-        """Start fresh engines in slots `indices`, rebuild the weight-sync group and sync the current weights
-        (or `version`); returns that sync's stats."""
-        from cppo_rl.remote import ActorFailure
-
-        limit = self.config.rollout.max_engine_restarts
-        if self.engine_restarts + len(indices) > limit:
-            raise ActorFailure(
-                f"rollout engines lost ({cause}) after {self.engine_restarts} restarts this run; "
-                f"rollout.max_engine_restarts={limit} allows no more. Look at the workers' logs (ray logs) for why"
-            )
-        print(f"warning: {cause}: restarting rollout engines {indices}", flush=True)
-        for index in indices:
-            self.rollout.replace(index)
-        self.engine_restarts += len(indices)
-        self.sync = self._weight_sync()
-        return self._sync(self.version if version is None else version)
-
-    def _checkpoint(self, state: RunState) -> str:
+    def _checkpoint(self, state: RunState, pipeline) -> str:
         from cppo_rl.learner.checkpoint import prune
 
         root = self.run_dir / CHECKPOINTS
-        path = self.learner.save_checkpoint(str(root), state.step, {"trainer": dataclasses.asdict(state)})
+        metadata = {"trainer": dataclasses.asdict(state)}
+        path = self.roles.learner.save_checkpoint(str(root), state.step, metadata, pipeline.saved())
         prune(root, self.config.trainer.keep_checkpoints)
         return path
 
@@ -352,9 +227,9 @@ class Trainer:
         texts, lengths and finish reasons come here: the token sets are never fetched."""
         r = self.config.rollout
         sampling = sampling_config(self.config, training=False, seed=10_000 + step)
-        batch = self._generate(self._encode(tokenizer, examples), sampling)
+        batch = self.roles.generate(self._encode(tokenizer, examples), sampling)
         golds = [e.answer for e in examples for _ in range(r.eval_samples)]
-        outcomes = self.rewards.score(batch.response_texts, golds)
+        outcomes = self.roles.rewards.score(batch.response_texts, golds)
         samples = [
             [prompt_text(examples[i // r.eval_samples]), batch.response_texts[i], outcomes[i].reward]
             for i in range(0, len(golds), r.eval_samples)
@@ -366,25 +241,12 @@ class Trainer:
         }
         return metrics, samples
 
-    def run(self) -> dict:
-        import ray
+    def _prepare(self):
+        """The model path, its tokenizer, and the train / eval examples whose prompts fit the context
+        (with the count skipped per split)."""
         from transformers import AutoTokenizer
 
-        from cppo_rl.controller.progress import Progress, StopRequests
-        from cppo_rl.controller.tracker import Tracker
-        from cppo_rl.learner.checkpoint import read_marker
-
-        config, started = self.config, time.perf_counter()
-        c, r, t = config.cluster, config.rollout, config.trainer
-        if not ray.is_initialized():
-            address = c.address or os.environ.get("RAY_ADDRESS")  # None: start a local cluster
-            ray.init(
-                address=address,
-                num_cpus=None if address else c.num_cpus,
-                num_gpus=None if address else c.num_gpus,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+        r = self.config.rollout
         model_path, train_examples, eval_examples = self._model_and_data()
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         prompt_limit = r.max_model_len - r.max_response_length
@@ -393,13 +255,15 @@ class Trainer:
             lengths = [len(ids) for ids in self._encode(tokenizer, examples)]
             examples[:] = drop_long_prompts(examples, lengths, prompt_limit, split)
             skipped_prompts[split] = len(lengths) - len(examples)
-        loader = PromptLoader(train_examples, t.prompts_per_step, shuffle=config.data.shuffle, seed=config.data.seed)
-        saved = RunState(**read_marker(self.resume_from)["trainer"]) if self.resume_from else None
-        log = config.logging
-        settings = dataclasses.asdict(config)
-        tracker = Tracker(
+        return model_path, tokenizer, train_examples, eval_examples, skipped_prompts
+
+    def _tracker(self, saved: RunState | None):
+        from cppo_rl.controller.tracker import Tracker
+
+        log = self.config.logging
+        return Tracker(
             self.run_dir,
-            settings,
+            dataclasses.asdict(self.config),
             project=log.project,
             entity=log.entity,
             name=log.run_name,
@@ -407,112 +271,207 @@ class Trainer:
             mode=log.mode,
             run_id=saved.wandb_run_id if saved else None,
         )
-        self._start_actors(model_path)
-        advantage = get_advantage(config.algorithm.advantage)
-        sampling = sampling_config(config, training=True, seed=t.seed)
-        samples_columns = ["prompt", "response", "reward"]
-        progress, checkpoint, phases = None, None, {}
+
+    def run(self) -> dict:
+        """Start Ray and the roles, evaluate, train up to `trainer.total_steps`, write summary.json. The roles
+        and the W&B run are released on the way out, whatever happened (a role that fails to start too)."""
+        from cppo_rl.controller.progress import StopRequests
+        from cppo_rl.controller.roles import Roles
+        from cppo_rl.learner.checkpoint import read_marker
+
+        self.started = time.perf_counter()
+        start_ray(self.config.cluster)
+        model_path, tokenizer, train_examples, eval_examples, skipped_prompts = self._prepare()
+        t, data = self.config.trainer, self.config.data
+        loader = PromptLoader(train_examples, t.prompts_per_step, shuffle=data.shuffle, seed=data.seed)
+        saved = RunState(**read_marker(self.resume_from)["trainer"]) if self.resume_from else None
+        tracker = self._tracker(saved)
         try:
-            with StopRequests() as stop:
-                if saved:
-                    state = saved
-                    self._restore(state, tracker.history_path)
-                    loader.load_state_dict(state.loader)
-                    elapsed_before = state.elapsed_seconds
-                else:
-                    eval_metrics, samples = self.evaluate(tokenizer, eval_examples, 0)
-                    tracker.log(eval_metrics, step=0)
-                    tracker.table("eval/samples", samples_columns, samples, step=0)
-                    print(f"held-out accuracy before training: {eval_metrics['eval/accuracy']:.3f}", flush=True)
-                    state = RunState(evals=[[0, eval_metrics["eval/accuracy"]]])
-                    elapsed_before = 0.0
-                state.wandb_run_id, state.config = tracker.run_id, settings
-                first_step = state.step + 1
-                progress = Progress(t.total_steps, first_step, t.progress_bar)
-                metrics: dict[str, float] = {}
-                skipped = SkippedUpdates(t.updates_per_rollout, t.max_skipped_steps)
-                for step in range(first_step, t.total_steps + 1):
-                    restarts_before = self.engine_restarts
-                    metrics = self._step(step, loader, tokenizer, sampling, advantage)
-                    skipped.check(step, metrics)
-                    for name, seconds in metrics.items():
-                        if name.startswith("time/"):
-                            phases[name[5:-2]] = phases.get(name[5:-2], 0.0) + seconds
-                    if (t.eval_every and step % t.eval_every == 0) or step == t.total_steps:
-                        eval_metrics, samples = self.evaluate(tokenizer, eval_examples, step)
-                        metrics.update(eval_metrics)
-                        state.evals.append([step, eval_metrics["eval/accuracy"]])
-                        tracker.table("eval/samples", samples_columns, samples, step=step)
-                        tracker.position_profile(metrics, step)
-                    metrics["rollout/engine_restarts"] = self.engine_restarts - restarts_before
-                    tracker.log(metrics, step=step)
-                    progress.update(step, metrics)
-                    state.step, state.loader = step, loader.state_dict()
-                    state.elapsed_seconds = elapsed_before + time.perf_counter() - started
-                    due = t.checkpoint_every and step % t.checkpoint_every == 0
-                    if due or stop.requested or step == t.total_steps:
-                        checkpoint = self._checkpoint(state)
-                    if stop.requested:
-                        break
-                progress.close()
-                accuracies = [accuracy for _, accuracy in state.evals]
-                summary = {
-                    "eval_accuracy_start": accuracies[0],
-                    "eval_accuracy_end": accuracies[-1],
-                    "eval_accuracy_best": max(accuracies),
-                    "steps": state.step,
-                    "wall_seconds": round(elapsed_before + time.perf_counter() - started, 1),
-                    "rollout_learner_logprob_mismatch": metrics.get("actor/rollout_learner_logprob_mismatch"),
-                    "algorithm": config.algorithm.name,
-                    **tracker.summary(),
-                    "checkpoint": checkpoint,
-                    "model_path": model_path,
-                    "interrupted_by": stop.requested,
-                    "resumed_from": str(self.resume_from) if self.resume_from else None,
-                    "skipped_updates": skipped.total,
-                    "engine_restarts": self.engine_restarts,
-                    "restarts": self.restarts,
-                    "placement": self.placement,
-                    "skipped_long_prompts": skipped_prompts,
-                    "mean_step_seconds": {
-                        name: round(total / max(1, state.step + 1 - first_step), 3) for name, total in phases.items()
-                    },
-                }
+            with Roles.start(self.config, model_path, self.loss_config) as self.roles, StopRequests() as stop:
+                summary = self._train(tokenizer, loader, eval_examples, tracker, saved, stop)
+                summary.update(model_path=model_path, skipped_long_prompts=skipped_prompts)
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
                 return summary
         finally:
-            if progress is not None:
-                progress.close()
             tracker.finish()
-            self.rewards.close()
-            self.rollout.shutdown()
-            self.learner.shutdown()
-            ray.util.remove_placement_group(self.placement_group)  # the next run of a --multirun needs it
 
-    def _step(self, step, loader, tokenizer, sampling, advantage) -> dict[str, float]:
-        timings = {}
-        clock = started = time.perf_counter()
-        examples = loader.next_batch()
-        step_sampling = dataclasses.replace(sampling, seed=sampling.seed + step * 100_003)
-        batch = self._generate(self._encode(tokenizer, examples), step_sampling)  # RolloutRefs: light parts here
-        timings["generate"] = time.perf_counter() - clock
+    def _train(self, tokenizer, loader, eval_examples, tracker, saved: RunState | None, stop) -> dict:
+        """The loop: (restore or evaluate), then per step train, evaluate when due, log, checkpoint."""
+        from cppo_rl.controller.pipeline import LockstepPipeline
+        from cppo_rl.controller.progress import Progress
 
+        config, t = self.config, self.config.trainer
+        pipeline = LockstepPipeline(
+            self.roles,
+            loader,
+            lambda examples: self._encode(tokenizer, examples),
+            sampling_config(config, training=True, seed=t.seed),
+            get_advantage(config.algorithm.advantage),
+            config.algorithm.adv_std_norm,
+            t.max_staleness,
+            t.total_steps,
+        )
+        if saved:
+            state = saved
+            self._restore(state, tracker.history_path, pipeline)
+            loader.load_state_dict(state.loader)
+        else:
+            state = RunState(evals=[[0, self._evaluate_and_log(tokenizer, eval_examples, tracker, 0, {})]])
+        elapsed_before = state.elapsed_seconds
+        state.wandb_run_id, state.config = tracker.run_id, dataclasses.asdict(config)
+        pipeline.fill(state.step + 1)
+        first_step, checkpoint, totals = state.step + 1, None, PipelineTotals()
+        progress = Progress(t.total_steps, first_step, t.progress_bar)
+        skipped = SkippedUpdates(t.updates_per_rollout, t.max_skipped_steps)
+        metrics: dict[str, float] = {}
+        try:
+            for step in range(first_step, t.total_steps + 1):
+                restarts_before = self.roles.engine_restarts
+                metrics = self._step(step, pipeline)
+                skipped.check(step, metrics)
+                totals.add(metrics)
+                if (t.eval_every and step % t.eval_every == 0) or step == t.total_steps:
+                    state.evals.append([step, self._evaluate_and_log(tokenizer, eval_examples, tracker, step, metrics)])
+                    tracker.staleness_chart(totals.rows, step)
+                metrics["rollout/engine_restarts"] = self.roles.engine_restarts - restarts_before
+                tracker.log(metrics, step=step)
+                progress.update(step, metrics)
+                state.step, state.loader = step, loader.state_dict()
+                state.elapsed_seconds = elapsed_before + time.perf_counter() - self.started
+                due = t.checkpoint_every and step % t.checkpoint_every == 0
+                if due or stop.requested or step == t.total_steps:
+                    checkpoint = self._checkpoint(state, pipeline)
+                if stop.requested:
+                    break
+        finally:
+            progress.close()
+        accuracies = [accuracy for _, accuracy in state.evals]
+        return {
+            "eval_accuracy_start": accuracies[0],
+            "eval_accuracy_end": accuracies[-1],
+            "eval_accuracy_best": max(accuracies),
+            "steps": state.step,
+            "wall_seconds": round(elapsed_before + time.perf_counter() - self.started, 1),
+            "rollout_learner_logprob_mismatch": metrics.get("actor/rollout_learner_logprob_mismatch"),
+            "algorithm": config.algorithm.name,
+            **tracker.summary(),
+            "checkpoint": checkpoint,
+            "interrupted_by": stop.requested,
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "skipped_updates": skipped.total,
+            "engine_restarts": self.roles.engine_restarts,
+            "restarts": self.restarts,
+            "placement": self.roles.placement,
+            "max_staleness": t.max_staleness,
+            **totals.summary(),
+        }
+
+    def _evaluate_and_log(self, tokenizer, examples: list[Example], tracker, step: int, metrics: dict) -> float:
+        """Evaluate at `step`, add the eval metrics to `metrics`, log the sample table (and at step 0 the
+        metrics themselves); returns the accuracy."""
+        eval_metrics, samples = self.evaluate(tokenizer, examples, step)
+        metrics.update(eval_metrics)
+        tracker.table("eval/samples", ["prompt", "response", "reward"], samples, step=step)
+        if step == 0:
+            tracker.log(eval_metrics, step=0)
+            print(f"held-out accuracy before training: {eval_metrics['eval/accuracy']:.3f}", flush=True)
+        else:
+            tracker.position_profile(metrics, step)
+        return eval_metrics["eval/accuracy"]
+
+    def _step(self, step: int, pipeline) -> dict[str, float]:
+        """One training step: take the batch of `step` (generated ahead, or now when k = 0), train on it while
+        the engines generate the batch of step + k, then sync the weights as version `step`."""
+        learner = self.roles.learner
+        started = time.perf_counter()
+        rollout = pipeline.take(step)  # a RolloutRefs with rewards and advantages: only light parts here
+        queued_s = time.monotonic() - rollout.ready_at
+        ahead = pipeline.start_ahead(step)
         clock = time.perf_counter()
-        golds = [e.answer for e in examples for _ in range(sampling.n)]
-        outcomes = self.rewards.score(batch.response_texts, golds)
-        batch.rewards = torch.tensor([o.reward for o in outcomes], dtype=torch.float32)
-        batch.advantages = advantage(batch.rewards, batch.group_index, std_norm=self.config.algorithm.adv_std_norm)
-        timings["reward"] = time.perf_counter() - clock
-
+        training = learner.start_training(rollout.refs)  # by reference: each rank fetches its rows' chunks
+        ahead_s = pipeline.finish_ahead(ahead)  # while the learner trains
+        actor = learner.training_result(training)
+        learner_s = time.perf_counter() - clock
         clock = time.perf_counter()
-        actor = self.learner.train_on_batch(batch)  # by reference: each rank fetches the chunks of its rows
-        timings["learner"] = time.perf_counter() - clock
+        sync = self.roles.sync(step)
+        sync_s = time.perf_counter() - clock
+        ahead_s += pipeline.after_sync()
+        step_s = time.perf_counter() - started
+        timings = {
+            "generate": rollout.generate_s,
+            "reward": rollout.reward_s,
+            "learner": learner_s,
+            "sync": sync_s,
+            "step": step_s,
+        }
+        pipeline_metrics = {
+            "pipeline/staleness_mean": float(step - 1 - rollout.version),
+            "pipeline/staleness_max": float(step - 1 - rollout.version),
+            "pipeline/generated_by_version": float(rollout.version),
+            "pipeline/in_flight_s": rollout.generate_s,
+            "pipeline/queue_s": queued_s,
+            "pipeline/ahead_generate_s": ahead_s,
+            # each role's busy seconds in this step (the weight sync keeps both busy)
+            "pipeline/rollout_busy_s": (0.0 if rollout.ahead else rollout.generate_s) + ahead_s + sync_s,
+            "pipeline/learner_busy_s": actor.get("busy_s", learner_s) + sync_s,
+        }
+        metrics = step_metrics(rollout.refs, rollout.outcomes, actor, timings, sync.bytes_per_second, step)
+        return {**metrics, **pipeline_metrics}
 
-        clock = time.perf_counter()
-        sync = self._sync(step)
-        timings["sync"] = time.perf_counter() - clock
-        timings["step"] = time.perf_counter() - started
-        return step_metrics(batch, outcomes, actor, timings, sync.bytes_per_second, step)
+
+class PipelineTotals:
+    """Run totals of the pipeline metrics: staleness over trained samples, each role's idle share of the
+    steps' wall time, and the (staleness, masked fraction) points of the W&B chart."""
+
+    def __init__(self) -> None:
+        self.steps, self.wall, self.staleness_sum, self.staleness_max = 0, 0.0, 0.0, 0.0
+        self.busy = {"rollout": 0.0, "learner": 0.0}
+        self.queue, self.in_flight = 0.0, 0.0
+        self.phases: dict[str, float] = {}
+        self.rows: list[list[float]] = []  # [step, staleness, masked fraction]
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.steps += 1
+        self.wall += metrics["time/step_s"]
+        self.staleness_sum += metrics["pipeline/staleness_mean"]
+        self.staleness_max = max(self.staleness_max, metrics["pipeline/staleness_max"])
+        for role in self.busy:
+            self.busy[role] += metrics[f"pipeline/{role}_busy_s"]
+        self.queue += metrics["pipeline/queue_s"]
+        self.in_flight += metrics["pipeline/in_flight_s"]
+        for name, seconds in metrics.items():
+            if name.startswith("time/"):
+                self.phases[name[5:-2]] = self.phases.get(name[5:-2], 0.0) + seconds
+        self.rows.append(
+            [metrics["policy_version"], metrics["pipeline/staleness_mean"], metrics.get("actor/masked_frac", 0.0)]
+        )
+
+    def summary(self) -> dict:
+        """summary.json's staleness, idle_fraction, seconds in queue / in flight, and mean step seconds."""
+        steps, wall = max(1, self.steps), max(self.wall, 1e-9)
+        return {
+            "staleness": {"mean": self.staleness_sum / steps, "max": self.staleness_max},
+            "idle_fraction": {role: round(max(0.0, 1 - busy / wall), 4) for role, busy in self.busy.items()},
+            "sample_seconds": {"in_queue": round(self.queue / steps, 3), "in_flight": round(self.in_flight / steps, 3)},
+            "mean_step_seconds": {name: round(total / steps, 3) for name, total in self.phases.items()},
+        }
+
+
+def start_ray(cluster) -> None:
+    """Connect to `cluster.address` (or $RAY_ADDRESS), or start a local cluster with the section's CPUs and
+    GPUs; nothing when Ray is already initialised."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")  # None: start a local cluster
+    ray.init(
+        address=address,
+        num_cpus=None if address else cluster.num_cpus,
+        num_gpus=None if address else cluster.num_gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
 
 
 def step_metrics(batch, outcomes, actor: dict[str, float], timings: dict[str, float], sync_rate: float, step: int):

@@ -4,6 +4,7 @@ Layout under a run's checkpoint root:
     step_000010/            a complete checkpoint (renamed into place only when fully written)
         deepspeed/          DeepSpeed shards: model, optimizer, scheduler, client state (each rank)
         hf/                 a consolidated HF model directory (vLLM and transformers load it)
+        rollouts/           batches generated ahead of the learner (trainer.max_staleness > 0), one file each
         complete.json       written last, before the rename: step and metadata
     .staging-step_000010/   a checkpoint being written (ignored; removed by `clean_staging`)
     latest                  the name of the newest complete checkpoint (replaced atomically)
@@ -20,6 +21,7 @@ import shutil
 from pathlib import Path
 
 MARKER = "complete.json"
+ROLLOUTS_DIR = "rollouts"
 LATEST = "latest"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,9 @@ import torch
 from cppo_rl.algorithms import PolicyLossConfig, get_policy_loss
 from cppo_rl.batch import RolloutBatch
 from cppo_rl.config import AlgorithmConfig, LearnerSettings, RolloutConfig, TrainerConfig
-from cppo_rl.data_plane import RolloutRefs, RolloutSource
+from cppo_rl.data_plane import RolloutRefs, RolloutSource, SavedRollouts, write_rollouts
 from cppo_rl.learner import distributed, step, weights
-from cppo_rl.learner.checkpoint import finalize, staging_dir
+from cppo_rl.learner.checkpoint import ROLLOUTS_DIR, finalize, staging_dir
 from cppo_rl.learner.ds_config import deepspeed_config
 from cppo_rl.learner.logprobs import LogprobPolicy
 from cppo_rl.learner.moe import mark_leaf_modules
@@ -212,13 +213,14 @@ class LearnerWorker:
         Returns metrics averaged over the batch's valid tokens (all ranks), including
         `rollout_learner_logprob_mismatch` (mean |log mu - log pi| on the first mini-batch before its
         update), `rollout_learner_topk_tv` and `skipped_updates` (updates not applied because their
-        loss or gradient was not finite).
+        loss or gradient was not finite), and `busy_s`, this rank's seconds in the call.
         """
+        started = time.perf_counter()
         self._check_batch("train_on_batch", batch.num_responses, batch.advantages)
         shards = step.split_shards(
             batch, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
         )
-        return self.train_on_shards(shards)
+        return {**self.train_on_shards(shards), "busy_s": time.perf_counter() - started}
 
     def _check_batch(self, caller: str, num_responses: int, advantages: torch.Tensor | None) -> None:
         if advantages is None:
@@ -235,11 +237,12 @@ class LearnerWorker:
         update and metrics as `train_on_batch` of the whole batch."""
         from cppo_rl.learner.shards import shards_from_source
 
+        started = time.perf_counter()
         self._check_batch("train_on_refs", source.num_responses, source.advantages)
         shards = shards_from_source(
             source, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
         )
-        return self.train_on_shards(shards)
+        return {**self.train_on_shards(shards), "busy_s": time.perf_counter() - started}
 
     def train_on_shards(self, shards: list[step.Shard]) -> dict[str, float]:
         """`train_on_batch` on this rank's shards (one per update, in order), already cut from the batch."""
@@ -315,10 +318,13 @@ class LearnerWorker:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def save_checkpoint(self, root: str, step: int, metadata: dict | None = None) -> str | None:
+    def save_checkpoint(
+        self, root: str, step: int, metadata: dict | None = None, rollouts: SavedRollouts | None = None
+    ) -> str | None:
         """All ranks: write DeepSpeed state (model, optimizer, scheduler, RNG) and a consolidated HF
         directory into a staging folder, then (rank 0) rename it into place with `metadata` (JSON, e.g.
-        the controller's state) in its completion marker. Returns the path on rank 0."""
+        the controller's state) in its completion marker. Rank 0 also writes `rollouts` (the batches
+        generated ahead of the learner, fetched by reference) into `rollouts/`. Returns the path on rank 0."""
         import torch.distributed as dist
 
         staged = staging_dir(root, step)
@@ -331,6 +337,10 @@ class LearnerWorker:
         weights = self.gather_weights()
         if self.rank == 0:
             self._save_hf(staged / "hf", weights)
+            if rollouts is not None and rollouts.items:
+                import ray
+
+                write_rollouts(staged / ROLLOUTS_DIR, rollouts, ray.get)
         dist.barrier()
         if self.rank != 0:
             return None
@@ -412,11 +422,20 @@ class LearnerGroup:
         """Train every rank on `batch`; the metrics of rank 0 (already all-reduced). A RolloutRefs (the training
         loop's) goes by reference: each rank gets the chunk refs and the per-row data (`RolloutRefs.source`)
         and fetches only the chunks holding its rows. A RolloutBatch goes whole (one object-store copy)."""
+        return self.training_result(self.start_training(batch))
+
+    def start_training(self, batch: RolloutBatch | RolloutRefs) -> list:
+        """`train_on_batch` without waiting: the ranks' calls (pass them to `training_result`)."""
         import ray
 
         if isinstance(batch, RolloutRefs):
-            return self._all("train_on_refs", batch.source())[0]
-        return self._all("train_on_batch", ray.put(batch))[0]
+            return [worker.train_on_refs.remote(batch.source()) for worker in self.workers]
+        shared = ray.put(batch)
+        return [worker.train_on_batch.remote(shared) for worker in self.workers]
+
+    def training_result(self, calls: list) -> dict[str, float]:
+        """The metrics of rank 0 once every rank's training call is done (ActorFailure as in `_all`)."""
+        return get_all(calls, "learner training", self.timeout_s)[0]
 
     def logprobs(self, batch: RolloutBatch | RolloutRefs) -> torch.Tensor:
         """float32 [N, T, S] log pi at the batch's token sets, current weights (a diagnostic: every rank
@@ -431,10 +450,12 @@ class LearnerGroup:
         """The full parameters by HF name (gathered on rank 0)."""
         return self._all("gather_weights")[0]
 
-    def save_checkpoint(self, root: str, step: int, metadata: dict | None = None) -> str:
+    def save_checkpoint(
+        self, root: str, step: int, metadata: dict | None = None, rollouts: SavedRollouts | None = None
+    ) -> str:
         """A complete checkpoint of every rank under `root` (see `checkpoint.py`), `metadata` stored in its
-        completion marker; returns its path."""
-        return self._all("save_checkpoint", root, step, metadata)[0]
+        completion marker, `rollouts` (generated ahead) in its `rollouts/`; returns its path."""
+        return self._all("save_checkpoint", root, step, metadata, rollouts)[0]
 
     def load_checkpoint(self, path: str) -> int:
         """Restore every rank from checkpoint `path`; returns the learner step count."""

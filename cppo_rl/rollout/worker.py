@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import ray
@@ -140,12 +140,72 @@ class WorkerLauncher:
 
 class RolloutWorkersLost(RuntimeError):
     """Some workers died or hung during `generate`: `workers` are their indices, `finished` the chunks
-    (by worker index) the others completed, to pass back to `generate` once the workers are replaced.
-    A finished chunk's heavy part stays valid when its worker dies: the driver owns it (a return value)."""
+    (by chunk index: a batch's chunk c first runs on worker c) the others completed, to pass back to
+    `generate` once the workers are replaced, or kept by the PendingRollout that ran them. A finished
+    chunk's heavy part stays valid when its worker dies: the driver owns it (a return value)."""
 
     def __init__(self, workers: list[int], finished: dict[int, ChunkRef], causes: list[str]) -> None:
         super().__init__(f"rollout workers {workers} lost: {'; '.join(causes)}")
         self.workers, self.finished, self.causes = workers, finished, causes
+
+
+class PendingRollout:
+    """A batch being generated (`RolloutGroup.submit`): chunk `c` covers prompts `chunks[c]` and runs on a
+    worker; `collect` waits for the chunks and joins them in prompt order."""
+
+    def __init__(
+        self, group: RolloutGroup, prompt_ids: list[list[int]], sampling: SamplingConfig, finished: dict[int, ChunkRef]
+    ) -> None:
+        self.group, self.prompt_ids, self.sampling, self.finished = group, prompt_ids, sampling, finished
+        self.chunks = _balanced_chunks(len(prompt_ids), len(group.workers))
+        self.running: dict[int, tuple[int, object, object]] = {}  # chunk -> (worker, light ref, heavy ref)
+        self.submitted_at = time.monotonic()
+        self.arrived_at: dict[int, float] = {}  # chunk -> when its light part arrived (time.monotonic)
+
+    def start_chunk(self, chunk: int, worker: int) -> None:
+        """Generate chunk `chunk` on worker `worker` (its seeds are its prompts', wherever it runs)."""
+        start, stop = self.chunks[chunk]
+        light, heavy = self.group.workers[worker].generate.remote(self.prompt_ids[start:stop], self.sampling, start)
+        self.running[chunk] = (worker, light, heavy)
+
+    def collect(
+        self, timeout_s: float | None = None, on_chunk: Callable[[int, RolloutChunk], None] | None = None
+    ) -> RolloutRefs:
+        """Wait for every running chunk (in the order they finish; `on_chunk(index, chunk)` is called on each
+        as it arrives) and join them. A worker that dies, or has not answered within `timeout_s` seconds of
+        this call, raises RolloutWorkersLost once the others are done; the finished chunks stay in
+        `finished` and the lost ones can be started again on other workers (`start_chunk`)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiting = {light: chunk for chunk, (_, light, _) in self.running.items()}
+        lost, causes = [], []
+        while waiting:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(waiting), num_returns=1, timeout=remaining)
+            if not done:
+                for chunk in waiting.values():
+                    worker = self.running.pop(chunk)[0]
+                    lost.append(worker)
+                    causes.append(f"worker {worker} did not answer within {timeout_s:.0f} s")
+                break
+            chunk = waiting.pop(done[0])
+            worker, light, heavy = self.running.pop(chunk)
+            try:
+                self.finished[chunk] = ChunkRef(ray.get(light), heavy)
+            except ACTOR_GONE as error:
+                lost.append(worker)
+                causes.append(f"worker {worker} died ({type(error).__name__})")
+                continue
+            self.arrived_at[chunk] = time.monotonic()
+            if on_chunk is not None:
+                on_chunk(chunk, self.finished[chunk].chunk)
+        if lost:
+            raise RolloutWorkersLost(sorted(set(lost)), self.finished, causes)
+        return RolloutRefs([self.finished[index] for index in sorted(self.finished)])
+
+    def missing_chunks(self) -> list[int]:
+        """The chunks with prompts that are neither finished nor running."""
+        settled = self.finished.keys() | self.running.keys()
+        return [c for c, (start, stop) in enumerate(self.chunks) if stop > start and c not in settled]
 
 
 class RolloutGroup:
@@ -184,38 +244,32 @@ class RolloutGroup:
         timeout_s: float | None = None,
         finished: dict[int, ChunkRef] | None = None,
     ) -> RolloutRefs:
-        """Split prompts into contiguous, balanced chunks (one per worker), generate, and join by reference:
-        this process receives each chunk's light part only (texts, lengths, finish reasons); the token
-        sets stay in the object store, owned by this process (cppo_rl/data_plane.py).
+        """`submit(...).collect(timeout_s)`: generate and wait (see `submit`). A worker that dies, or does not
+        answer within `timeout_s` seconds (for the whole call), raises RolloutWorkersLost once the others
+        are done."""
+        return self.submit(prompt_ids, sampling, finished).collect(timeout_s)
+
+    def submit(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        finished: dict[int, ChunkRef] | None = None,
+    ) -> PendingRollout:
+        """Start generating and return at once. Prompts are split into contiguous, balanced chunks (one per
+        worker); `PendingRollout.collect` joins them by reference: this process receives each chunk's light
+        part only (texts, lengths, finish reasons); the token sets stay in the object store, owned by this
+        process (cppo_rl/data_plane.py).
 
         The `sampling.n` samples of a prompt stay on one worker and stay adjacent; group ids are the
         prompt's index in `prompt_ids`. Seeds are per prompt, so the result does not depend on the
         number of workers, nor on which worker (or replacement) generates a chunk. Chunks in `finished`
-        are reused. A worker that dies, or does not answer within `timeout_s` seconds (for the whole
-        call), raises RolloutWorkersLost once the others are done.
+        (by chunk index) are reused.
         """
-        chunks = _balanced_chunks(len(prompt_ids), len(self.workers))
-        finished = dict(finished or {})
-        pending = {
-            index: worker.generate.remote([list(p) for p in prompt_ids[start:stop]], sampling, start)
-            for index, (worker, (start, stop)) in enumerate(zip(self.workers, chunks, strict=True))
-            if stop > start and index not in finished
-        }
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        lost, causes = [], []
-        for index, (light, heavy) in pending.items():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                finished[index] = ChunkRef(ray.get(light, timeout=remaining), heavy)
-            except ray.exceptions.GetTimeoutError:
-                lost.append(index)
-                causes.append(f"worker {index} did not answer within {timeout_s:.0f} s")
-            except ACTOR_GONE as error:
-                lost.append(index)
-                causes.append(f"worker {index} died ({type(error).__name__})")
-        if lost:
-            raise RolloutWorkersLost(lost, finished, causes)
-        return RolloutRefs([finished[index] for index in sorted(finished)])
+        pending = PendingRollout(self, [list(p) for p in prompt_ids], sampling, dict(finished or {}))
+        for index, (start, stop) in enumerate(pending.chunks):
+            if stop > start and index not in pending.finished:
+                pending.start_chunk(index, index)
+        return pending
 
     def unreachable_workers(self, timeout_s: float = 30.0) -> list[int]:
         """Indices of the workers that are dead or do not answer a probe within `timeout_s` seconds."""

@@ -50,6 +50,25 @@ def driver_gets(monkeypatch):
     return received
 
 
+def _roles(rollout, learner, reward):
+    """The controller's Roles around real engines, a stand-in learner and a reward function of the text (the
+    weight sync a no-op)."""
+    from cppo_rl.config import TrainConfig
+    from cppo_rl.controller.roles import Roles
+    from cppo_rl.rewards.base import RewardOutcome
+
+    def score(texts, golds):
+        return [RewardOutcome(reward(text), "correct") for text in texts]
+
+    roles = Roles(TrainConfig())
+    roles.rollout, roles.learner = rollout, learner
+    roles.rewards = SimpleNamespace(
+        score=score, submit=lambda texts, golds: SimpleNamespace(result=lambda: score(texts, golds))
+    )
+    roles.sync = lambda version: SimpleNamespace(bytes_per_second=0.0)
+    return roles
+
+
 def _recording_learner(ray, ranks=2):
     """A LearnerGroup whose ranks only say what they received for a training call (no DeepSpeed)."""
     from cppo_rl.learner.worker import LearnerGroup
@@ -104,25 +123,23 @@ def test_a_training_step_keeps_the_tensors_off_the_driver(
 
     from cppo_rl.algorithms import get_advantage
     from cppo_rl.config import TrainConfig
+    from cppo_rl.controller.pipeline import LockstepPipeline
     from cppo_rl.controller.trainer import Trainer
     from cppo_rl.data.dataset import Example
-    from cppo_rl.rewards.base import RewardOutcome
     from cppo_rl.rollout.worker import RolloutGroup
 
     trainer = Trainer(TrainConfig(), run_dir=None)
-    trainer.rollout = RolloutGroup(rollout_workers)
-    trainer.learner = _recording_learner(ray)
-    trainer.rewards = SimpleNamespace(
-        score=lambda texts, golds: [RewardOutcome(float(len(t) % 2), "correct") for t in texts]
-    )
-    trainer._sync = lambda version: SimpleNamespace(bytes_per_second=0.0)
+    trainer.roles = _roles(RolloutGroup(rollout_workers), _recording_learner(ray), lambda t: float(len(t) % 2))
     examples = [Example(prompt=f"Compute {a}+{a}.", answer=str(2 * a), source=f"test:{a}") for a in range(4)]
     loader = SimpleNamespace(next_batch=lambda: examples)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encode = lambda batch: trainer._encode(tokenizer, batch)  # noqa: E731
+    sampling, advantage = _sampling(logprobs_k=8), get_advantage("grpo")
+    pipeline = LockstepPipeline(trainer.roles, loader, encode, sampling, advantage, False, 0, 1)
     try:
-        metrics = trainer._step(1, loader, tokenizer, _sampling(logprobs_k=8), get_advantage("grpo"))
+        metrics = trainer._step(1, pipeline)
     finally:
-        for worker in trainer.learner.workers:
+        for worker in trainer.roles.learner.workers:
             ray.kill(worker)
     # what rank 0 received (its record comes back as the learner's metrics)
     assert (metrics["actor/method"], metrics["actor/type"]) == ("train_on_refs", "RolloutSource")
@@ -160,14 +177,12 @@ def test_evaluation_fetches_no_token_sets(rollout_workers, tiny_model_dir, drive
     from cppo_rl.config import TrainConfig
     from cppo_rl.controller.trainer import Trainer
     from cppo_rl.data.dataset import Example
-    from cppo_rl.rewards.base import RewardOutcome
     from cppo_rl.rollout.worker import RolloutGroup
 
     config = TrainConfig()
     config.rollout.max_response_length, config.rollout.eval_samples = 16, 2
     trainer = Trainer(config, run_dir=None)
-    trainer.rollout = RolloutGroup(rollout_workers)
-    trainer.rewards = SimpleNamespace(score=lambda texts, golds: [RewardOutcome(1.0, "correct") for _ in texts])
+    trainer.roles = _roles(RolloutGroup(rollout_workers), None, lambda text: 1.0)
     examples = [Example(prompt=f"Compute {a}+1.", answer=str(a + 1), source=f"test:{a}") for a in range(3)]
     metrics, samples = trainer.evaluate(AutoTokenizer.from_pretrained(tiny_model_dir), examples, step=0)
     assert metrics["eval/accuracy"] == 1.0 and metrics["eval/response_length_mean"] > 0 and samples
