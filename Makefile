@@ -65,7 +65,7 @@ format: setup
 train: setup
 	$(BIN)/python -m cppo_rl.train $(ARGS)
 
-# make bench [BENCH=chunked_logprobs|policy_mask_cost|weight_sync|rollout_throughput|scaling|trl_compare|driver_bytes] [BENCH_ARGS=--quick]
+# make bench [BENCH=chunked_logprobs|policy_mask_cost|weight_sync|rollout_throughput|scaling|trl_compare|driver_bytes|async_pipeline] [BENCH_ARGS=--quick]
 bench: setup
 	$(BIN)/python -m bench $(BENCH) $(BENCH_ARGS)
 

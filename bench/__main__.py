@@ -17,6 +17,7 @@ BENCHMARKS = (
     "scaling",
     "trl_compare",
     "driver_bytes",
+    "async_pipeline",
 )
 
 

@@ -238,7 +238,18 @@ def test_a_killed_rollout_engine_is_replaced_and_the_run_is_unchanged(full_run, 
     `ray::RolloutWorker.generate` while it generates): the controller replaces it, syncs it the current
     weights and regenerates its share of the batch (same per-prompt seeds), so the run matches the
     uninterrupted one-engine run step for step."""
-    run = _start(tmp_path, "engine_killed", "rollout.num_engines=2")
+    _, summary, history = _kill_an_engine_while_it_generates(tmp_path)
+    assert summary["steps"] == 4 and summary["engine_restarts"] >= 1
+    assert sum(h.get("rollout/engine_restarts", 0) for h in history) == summary["engine_restarts"]
+    _assert_same_steps(history, _history(full_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
+
+
+def _kill_an_engine_while_it_generates(tmp_path: Path, *extra: str) -> tuple[str, dict, list[dict]]:
+    """A run with two engines; SIGKILL one while it generates after step 1 (Ray titles the process
+    `ray::RolloutWorker.generate` meanwhile). Returns the finished run's stdout, summary and history, once
+    it said which worker died and that it was replaced."""
+    run = _start(tmp_path, "engine_killed", "rollout.num_engines=2", *extra)
     _wait_for_step_1(run, tmp_path / "engine_killed")
     engines = _actor_processes(run, "RolloutWorker")
     assert len(engines) == 2, engines
@@ -248,28 +259,32 @@ def test_a_killed_rollout_engine_is_replaced_and_the_run_is_unchanged(full_run, 
     # the child processes' order need not be the workers' order: read which worker was killed
     died = re.search(r"worker (\d+) died", stdout)
     assert died and f"restarting rollout engines [{died.group(1)}]" in stdout, stdout[-3000:]
-    assert summary["steps"] == 4 and summary["engine_restarts"] >= 1
-    assert sum(h.get("rollout/engine_restarts", 0) for h in history) == summary["engine_restarts"]
-    _assert_same_steps(history, _history(full_run), range(1, 5))
-    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
+    return stdout, summary, history
 
 
 def test_a_killed_learner_restarts_the_run_from_its_latest_checkpoint(full_run, tmp_path):
     """SIGKILL the learner rank once the step-1 checkpoint is complete: the controller notices, stops the
     run's actors, and with trainer.max_restarts=1 starts again from the latest complete checkpoint; the
     final weights equal the uninterrupted run's."""
-    run = _start(tmp_path, "learner_killed", "trainer.checkpoint_every=1", "trainer.max_restarts=1")
+    stdout, summary, history = _kill_the_learner_after_a_checkpoint(tmp_path)
+    assert "an actor died" in stdout and summary["resumed_from"]
+    _assert_same_steps(history, _history(full_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
+
+
+def _kill_the_learner_after_a_checkpoint(tmp_path: Path, *extra: str) -> tuple[str, dict, list[dict]]:
+    """A run with a checkpoint every step and one restart allowed; SIGKILL its learner rank once the first
+    checkpoint is complete. Returns the finished run's stdout, summary and history, once it restarted."""
+    run = _start(tmp_path, "learner_killed", "trainer.checkpoint_every=1", "trainer.max_restarts=1", *extra)
     latest = tmp_path / "learner_killed" / "checkpoints" / "latest"
     _wait_until(run, latest.is_file, "its first checkpoint")
     ranks = _actor_processes(run, "LearnerWorker")
     assert len(ranks) == 1, ranks
     ranks[0].kill()
     stdout, _, summary, history = _finish(run)
-    assert "restart 1 of trainer.max_restarts=1" in stdout and "an actor died" in stdout
-    assert summary["steps"] == 4 and summary["restarts"] == 1 and summary["resumed_from"]
-    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
-    _assert_same_steps(history, _history(full_run), range(1, 5))
-    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
+    assert "restart 1 of trainer.max_restarts=1" in stdout and summary["restarts"] == 1
+    assert summary["steps"] == 4 and [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    return stdout, summary, history
 
 
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_complete_one(full_run, tmp_path):
@@ -300,3 +315,67 @@ def test_no_secret_from_the_environment_reaches_the_run_files(full_run):
     assert any(path.suffix == ".wandb" for path in files) and any(path.name == "config.yaml" for path in files)
     leaks = [(path, name) for path in files for name, secret in SECRETS.items() if secret.encode() in path.read_bytes()]
     assert leaks == []
+
+
+# -- asynchronous rollouts (trainer.max_staleness = 2, lockstep) ----------------------------------------
+
+ASYNC = ("trainer.max_staleness=2",)
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run with the engines two steps ahead of the learner."""
+    _, run_dir, summary, history = _finish(_start(tmp_path_factory.mktemp("async"), "full", *ASYNC))
+    assert summary["steps"] == 4 and summary["max_staleness"] == 2
+    # batches 1-3 come from version 0 (steps 1-3 train them at versions 0-2), batch 4 from version 1
+    assert [h["pipeline/generated_by_version"] for h in history[1:]] == [0, 0, 0, 1]
+    assert [h["pipeline/staleness_max"] for h in history[1:]] == [0, 1, 2, 2]
+    assert summary["staleness"] == {"mean": 1.25, "max": 2.0}
+    assert set(summary["idle_fraction"]) == {"rollout", "learner"}
+    assert all(0 <= share < 1 for share in summary["idle_fraction"].values())
+    # the engines generated ahead during steps 1 and 2 (batches 3 and 4), not during the last two
+    assert [h["pipeline/ahead_generate_s"] > 0 for h in history[1:]] == [True, True, False, False]
+    return run_dir
+
+
+def test_async_rollouts_save_the_batches_generated_ahead_and_resume_exactly(async_run, tmp_path):
+    """SIGTERM a k = 2 run after step 1: its checkpoint carries the batches already generated for the next
+    steps; the resumed run trains on them and ends with the uninterrupted run's weights and metrics."""
+    run = _start(tmp_path, "cut", *ASYNC)
+    _wait_for_step_1(run, tmp_path / "cut")
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=TIMEOUT_S)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-4000:]
+    interrupted = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    stopped_at = interrupted["steps"]
+    assert interrupted["interrupted_by"] == "SIGTERM" and 1 <= stopped_at < 4
+    saved = sorted(p.name for p in (Path(interrupted["checkpoint"]) / "rollouts").glob("*.pt"))
+    assert saved == [f"step_{s:06d}.pt" for s in range(stopped_at + 1, min(stopped_at + 2, 4) + 1)]
+
+    stdout, _, summary, history = _finish(_start(tmp_path, "cut", *ASYNC, "trainer.resume=auto"))
+    assert f"resumed from {interrupted['checkpoint']} (step {stopped_at})" in stdout
+    assert summary["steps"] == 4 and [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    expected = _history(async_run)
+    _assert_same_steps(history, expected, range(stopped_at + 1, 5))
+    versions = [[h["pipeline/generated_by_version"] for h in run[1:]] for run in (history, expected)]
+    assert versions[0] == versions[1]
+    _assert_same_weights(Path(summary["checkpoint"]), async_run / "checkpoints" / "step_000004")
+
+
+def test_async_rollouts_survive_an_engine_killed_with_batches_queued(async_run, tmp_path):
+    """Two engines, k = 2: SIGKILL one while it generates ahead (a batch already queued). Its chunk goes to
+    the surviving engine, which still holds the weights that sample that batch, and the dead engine is
+    replaced at the next weight sync: the run equals the uninterrupted one-engine run."""
+    stdout, summary, history = _kill_an_engine_while_it_generates(tmp_path, *ASYNC)
+    assert "replaced at the next weight sync" in stdout, stdout[-3000:]
+    assert summary["steps"] == 4 and summary["engine_restarts"] == 1
+    _assert_same_steps(history, _history(async_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), async_run / "checkpoints" / "step_000004")
+
+
+def test_async_rollouts_survive_a_killed_learner(async_run, tmp_path):
+    """k = 2, a checkpoint every step: SIGKILL the learner rank once the first one is complete; the run
+    restarts from it (with the batches it saved) and ends with the uninterrupted run's weights."""
+    _, summary, history = _kill_the_learner_after_a_checkpoint(tmp_path, *ASYNC)
+    _assert_same_steps(history, _history(async_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), async_run / "checkpoints" / "step_000004")
