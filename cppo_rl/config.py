@@ -176,6 +176,10 @@ class ClusterConfig:
     cpus_per_engine: float = 0.5
     cpus_per_learner: float = 0.5
     placement_strategy: str = "PACK"  # of the placement group holding every engine and learner rank
+    # the deadline of each start-up phase (engines, learner set-up...; placement waits placement_timeout_s):
+    # past it the run fails naming the phase, what it waited for and the fix (cppo_rl/controller/startup.py)
+    startup_timeout_s: float = 1800.0
+    placement_timeout_s: float = 300.0  # how long to wait for the cluster to fit every engine and learner rank
     # custom Ray resources each engine / learner rank also asks for, e.g. {rollout: 1}: they put engines and
     # ranks on the nodes started with those resources (ray start --resources='{"rollout": 8}'); set them with
     # +cluster.engine_resources={rollout: 1} (the + because the key is new to the empty dict)
@@ -530,6 +534,8 @@ def _range_problems(config: TrainConfig) -> list[str]:
         "model.warm_start_max_seconds": m.warm_start_max_seconds,
         "cluster.gpu_memory_gib": c.gpu_memory_gib,
         "logging.init_timeout_s": config.logging.init_timeout_s,
+        "cluster.startup_timeout_s": c.startup_timeout_s,
+        "cluster.placement_timeout_s": c.placement_timeout_s,
     }
     problems = [f"{key}={value} must be >= 1" for key, value in at_least_one.items() if value < 1]
     problems += [f"{key}={value} must be >= 0 (0 turns it off)" for key, value in off_at_zero.items() if value < 0]

@@ -109,9 +109,14 @@ def train(cfg: DictConfig) -> None:
                 shutil.rmtree(run_dir)
             _refuse(error)
     from cppo_rl.controller.progress import summary_screen
+    from cppo_rl.controller.startup import StartupTimeout
     from cppo_rl.controller.trainer import run_with_restarts
 
-    summary, trainer = run_with_restarts(config, run_dir)
+    try:
+        summary, trainer = run_with_restarts(config, run_dir)
+    except StartupTimeout as error:  # a message naming the phase and the fix, not a traceback
+        print(f"cppo_rl.train: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     print("\n" + summary_screen(summary, str(run_dir), trainer.resume_command()))
     print(run_dir)
     if summary["interrupted_by"]:  # stopped early by a signal, after checkpointing: exit as the signal asks

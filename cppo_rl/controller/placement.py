@@ -1,7 +1,7 @@
 """Where each rollout engine and learner rank runs: one Ray placement group holding all of them.
 
 `placement_layout(config)` is pure (no Ray): the bundle list of the group and, per engine and per learner
-rank, the bundle it is scheduled on and what it asks Ray for (`ActorSlot`). `place(layout)` creates the
+rank, the bundle it is scheduled on and what it asks Ray for (`ActorSlot`). `place(layout, timeout_s)` creates the
 group and waits until it is placed (the thin Ray part).
 
 Bundles, in order: the engines' (engine i's `tensor_parallel_size` bundles are contiguous), then one per
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-PLACEMENT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -162,7 +160,7 @@ class PlacedGroup:
         return bundles_released(ray.available_resources(), self.layout, bundles, self.group.id.hex())
 
 
-def place(layout: PlacementLayout, timeout_s: float = PLACEMENT_TIMEOUT_S) -> PlacedGroup:
+def place(layout: PlacementLayout, timeout_s: float) -> PlacedGroup:
     """Create the placement group of `layout` and wait until it is placed; RuntimeError naming the keys
     when the cluster cannot place it within `timeout_s` seconds."""
     import ray

@@ -1,9 +1,10 @@
 """The actors of one run, started and released in one place: the placement group, the rollout engines,
 the learner ranks, the weight sync between them and the reward pool.
 
-`Roles.start(config, model_path, loss_config)` places and starts them; whatever started before a failure
-is released before the error leaves (a learner that fails in set-up does not leak the engines nor the
-placement group). `Roles` is a context manager: leaving it releases everything, on success or failure.
+`Roles.start(config, model_path, loss_config)` places and starts them, each a named start-up phase with a
+deadline (cppo_rl/controller/startup.py); whatever started before a failure is released before the error
+leaves (a learner that fails in set-up does not leak the engines nor the placement group). `Roles` is a
+context manager: leaving it releases everything, on success or failure.
 
 Self-healing lives here too:
 - `generate` / `collect`: a rollout engine that dies or hangs while the learner holds the engines'
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cppo_rl.config import TrainConfig, engine_config, learner_config
+from cppo_rl.controller.startup import Startup
 from cppo_rl.data_plane import RolloutChunk, RolloutRefs
 from cppo_rl.rollout.sampling import SamplingConfig
 
@@ -36,18 +38,19 @@ class Roles:
         self.lost_engines: set[int] = set()  # dead engines to replace at the next sync
 
     @classmethod
-    def start(cls, config: TrainConfig, model_path: str, loss_config) -> Roles:
+    def start(cls, config: TrainConfig, model_path: str, loss_config, startup: Startup | None = None) -> Roles:
         """Place and start every role (engines first, then the learner ranks, the weight sync and the reward
-        pool); on any failure, release what had started and re-raise."""
+        pool), each a named start-up phase with a deadline (`startup`; default: `cluster.startup_timeout_s`);
+        on any failure, release what had started and re-raise."""
         roles = cls(config)
         try:
-            roles._start(model_path, loss_config)
+            roles._start(model_path, loss_config, startup or Startup(config.cluster.startup_timeout_s))
         except BaseException:
             roles.close()
             raise
         return roles
 
-    def _start(self, model_path: str, loss_config) -> None:
+    def _start(self, model_path: str, loss_config, startup: Startup) -> None:
         from cppo_rl.controller.placement import place, placement_layout
         from cppo_rl.learner.worker import LearnerGroup
         from cppo_rl.rewards import RewardPool
@@ -56,8 +59,15 @@ class Roles:
         config = self.config
         c, r, lrn, rw = config.cluster, config.rollout, config.learner, config.reward
         use_gpu = c.num_gpus > 0
+        layout = placement_layout(config)
         # one placement group for every engine and learner rank: the run starts only when all of them fit
-        self.placed = place(placement_layout(config))
+        with startup.phase(
+            f"placement ({len(layout.engines)} engines, {len(layout.learners)} learner ranks)",
+            f"the cluster to free {layout.cpus:g} CPUs and {layout.gpus} GPUs in {len(layout.bundles)} bundles",
+            "see the message above; `ray status` shows what the cluster has and what other jobs hold",
+            c.placement_timeout_s,
+        ) as remaining:
+            self.placed = place(layout, remaining())
         engines, ranks = self.placed.layout.engines, self.placed.layout.learners
         launcher = WorkerLauncher(
             engine_config(config, model_path),
@@ -67,19 +77,41 @@ class Roles:
             slots=engines,
             placed=self.placed,
         )
-        self.rollout = RolloutGroup.start(launcher, r.num_engines)
-        self.learner = LearnerGroup(
-            learner_config(config, model_path),
-            config.algorithm.name,
-            loss_config,
-            lrn.world_size,
-            num_cpus_per_rank=c.cpus_per_learner,
-            use_gpu=use_gpu,
-            scheduling_strategies=[self.placed.strategy(slot) for slot in ranks],
-            timeout_s=lrn.call_timeout_s,
-            threads_per_rank=lrn.threads_per_rank,
-        )
-        self.sync_channel = self._weight_sync()
+        with startup.phase(
+            "rollout engines",
+            f"{r.num_engines} vLLM engines to load {model_path} and allocate their KV cache",
+            "read the engines' logs (`ray logs`, the RolloutWorker actors): a model too large for the KV cache "
+            "budget (rollout.gpu_memory_utilization / rollout.cpu_kv_cache_gib), a slow filesystem for model.path, "
+            "or raise cluster.startup_timeout_s",
+        ) as remaining:
+            self.rollout = RolloutGroup.start(launcher, r.num_engines, remaining())
+        with startup.phase(
+            "learner set-up",
+            f"{lrn.world_size} DeepSpeed ranks to load the model, join their process group and build their ops "
+            "(the first run on a machine JIT-builds them: minutes)",
+            "read the LearnerWorker actors' logs (`ray logs`); a build lock the driver named above, a rank that "
+            "cannot reach rank 0 (firewall between nodes), or raise cluster.startup_timeout_s",
+        ) as remaining:
+            self.learner = LearnerGroup(
+                learner_config(config, model_path),
+                config.algorithm.name,
+                loss_config,
+                lrn.world_size,
+                num_cpus_per_rank=c.cpus_per_learner,
+                use_gpu=use_gpu,
+                scheduling_strategies=[self.placed.strategy(slot) for slot in ranks],
+                timeout_s=lrn.call_timeout_s,
+                threads_per_rank=lrn.threads_per_rank,
+                setup_timeout_s=remaining(),
+            )
+        with startup.phase(
+            "weight-sync group",
+            "learner rank 0 and every engine worker to join the weight-sync process group",
+            "the engines' nodes must reach learner rank 0's node on a free TCP port (firewall, NCCL_SOCKET_IFNAME "
+            "on GPU); learner.sync_timeout_s bounds the join",
+            lrn.sync_timeout_s + 60,
+        ):
+            self.sync_channel = self._weight_sync()
         self.rewards = RewardPool(rw.num_workers, rw.timeout_s, rw.memory_limit_mb, grader=rw.grader)
 
     @property

@@ -277,17 +277,27 @@ class Trainer:
         and the W&B run are released on the way out, whatever happened (a role that fails to start too)."""
         from cppo_rl.controller.progress import StopRequests
         from cppo_rl.controller.roles import Roles
+        from cppo_rl.controller.startup import Startup
         from cppo_rl.learner.checkpoint import read_marker
 
         self.started = time.perf_counter()
-        start_ray(self.config.cluster)
+        self.startup = Startup(self.config.cluster.startup_timeout_s)
+        address = self.config.cluster.address or os.environ.get("RAY_ADDRESS")
+        with self.startup.phase(
+            f"connect to Ray ({address or 'a new local cluster'})",
+            "Ray to start or answer",
+            "check cluster.address / RAY_ADDRESS and that `ray status` answers there (RAY_AUTH_MODE=token and the "
+            "cluster's token for a Ray 2.60 head: docs/launch.md)",
+        ):
+            start_ray(self.config.cluster)
         model_path, tokenizer, train_examples, eval_examples, skipped_prompts = self._prepare()
         t, data = self.config.trainer, self.config.data
         loader = PromptLoader(train_examples, t.prompts_per_step, shuffle=data.shuffle, seed=data.seed)
         saved = RunState(**read_marker(self.resume_from)["trainer"]) if self.resume_from else None
         tracker = self._tracker(saved)
         try:
-            with Roles.start(self.config, model_path, self.loss_config) as self.roles, StopRequests() as stop:
+            roles = Roles.start(self.config, model_path, self.loss_config, self.startup)
+            with roles as self.roles, StopRequests() as stop:
                 summary = self._train(tokenizer, loader, eval_examples, tracker, saved, stop)
                 summary.update(model_path=model_path, skipped_long_prompts=skipped_prompts)
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -313,10 +323,21 @@ class Trainer:
         )
         if saved:
             state = saved
-            self._restore(state, tracker.history_path, pipeline)
+            with self.startup.phase(
+                f"restore step {state.step}",
+                f"the learner to load {self.resume_from} and the engines to receive its weights",
+                "read the LearnerWorker actors' logs; the checkpoint must be on a filesystem every rank reads",
+            ):
+                self._restore(state, tracker.history_path, pipeline)
             loader.load_state_dict(state.loader)
         else:
-            state = RunState(evals=[[0, self._evaluate_and_log(tokenizer, eval_examples, tracker, 0, {})]])
+            with self.startup.phase(
+                "first generation (the held-out evaluation before training)",
+                f"{len(eval_examples)} prompts x {config.rollout.eval_samples} samples from the engines, then rewards",
+                "read the RolloutWorker actors' logs; lower data.eval_prompts or raise rollout.generate_timeout_s",
+                config.rollout.generate_timeout_s,
+            ):
+                state = RunState(evals=[[0, self._evaluate_and_log(tokenizer, eval_examples, tracker, 0, {})]])
         elapsed_before = state.elapsed_seconds
         state.wandb_run_id, state.config = tracker.run_id, dataclasses.asdict(config)
         pipeline.fill(state.step + 1)
@@ -364,6 +385,7 @@ class Trainer:
             "placement": self.roles.placement,
             "max_staleness": t.max_staleness,
             **totals.summary(),
+            "startup_seconds": self.startup.seconds,
         }
 
     def _evaluate_and_log(self, tokenizer, examples: list[Example], tracker, step: int, metrics: dict) -> float:

@@ -133,7 +133,7 @@ def _run(on_gpu: bool, work_dir: Path, checks: Checks, roles: dict[str, object])
     sampling = sampling_config(config, training=True, seed=0)
 
     started = time.perf_counter()
-    placed = roles["placed"] = place(placement_layout(config))
+    placed = roles["placed"] = place(placement_layout(config), c.placement_timeout_s)
     slots = placed.layout.engines
     launcher = WorkerLauncher(
         engine_config(config, model_path),

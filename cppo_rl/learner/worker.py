@@ -375,8 +375,9 @@ class LearnerWorker:
 
 class LearnerGroup:
     """`world_size` LearnerWorker ranks as Ray actors, set up together; calls fan out to every rank and
-    raise ActorFailure if a rank dies or a call outlasts `timeout_s` seconds (None: no limit). Each rank
-    runs `threads_per_rank` OpenMP threads (0: one per CPU it asks Ray for, at least 1)."""
+    raise ActorFailure if a rank dies or a call outlasts `timeout_s` seconds (None: no limit; the set-up:
+    `setup_timeout_s`, default `timeout_s`; the ranks are killed when it fails). Each rank runs
+    `threads_per_rank` OpenMP threads (0: one per CPU it asks Ray for, at least 1)."""
 
     def __init__(
         self,
@@ -390,6 +391,7 @@ class LearnerGroup:
         scheduling_strategies: Sequence[object] | None = None,
         timeout_s: float | None = None,
         threads_per_rank: int = 0,
+        setup_timeout_s: float | None = None,
     ) -> None:
         import ray
 
@@ -408,9 +410,15 @@ class LearnerGroup:
                 options["scheduling_strategy"] = scheduling_strategies[rank]
             self.workers.append(actor_class.options(**options).remote(config, loss_name, loss_config, rank, world_size))
         self.timeout_s = timeout_s
-        address, port = ray.get(self.workers[0].free_address.remote(), timeout=timeout_s)
-        with ops_cache.watch_setup(env["TORCH_EXTENSIONS_DIR"]):
-            get_all([worker.setup.remote(address, port) for worker in self.workers], "learner setup", timeout_s)
+        setup_timeout_s = timeout_s if setup_timeout_s is None else setup_timeout_s
+        try:
+            address, port = ray.get(self.workers[0].free_address.remote(), timeout=setup_timeout_s)
+            with ops_cache.watch_setup(env["TORCH_EXTENSIONS_DIR"]):
+                futures = [worker.setup.remote(address, port) for worker in self.workers]
+                get_all(futures, "learner setup", setup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _all(self, method: str, *args: object) -> list:
         """Call `method` on every rank; raises ActorFailure at once if a rank dies (the others would wait

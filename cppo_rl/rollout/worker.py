@@ -220,10 +220,16 @@ class RolloutGroup:
         self.workers, self.launcher = list(workers), launcher
 
     @classmethod
-    def start(cls, launcher: WorkerLauncher, num_workers: int) -> RolloutGroup:
-        """`num_workers` workers started by `launcher` (slots 0..n-1), once their engines are up."""
+    def start(cls, launcher: WorkerLauncher, num_workers: int, timeout_s: float | None = None) -> RolloutGroup:
+        """`num_workers` workers started by `launcher` (slots 0..n-1), once their engines are up (GetTimeoutError
+        after `timeout_s` seconds, the workers killed)."""
         workers = [launcher(index) for index in range(num_workers)]
-        ray.get([w.ready.remote() for w in workers])
+        try:
+            ray.get([w.ready.remote() for w in workers], timeout=timeout_s)
+        except BaseException:
+            for worker in workers:
+                ray.kill(worker)
+            raise
         return cls(workers, launcher)
 
     def generate(

@@ -72,11 +72,13 @@ class WeightSync:
         if transport not in TRANSPORTS:
             raise ValueError(f"WeightSync: `transport` must be one of {TRANSPORTS}, got {transport!r}")
         self.learner, self.rollout, self.transport = learner, rollout, transport
-        self.plan = ray.get(learner.workers[0].weight_plan.remote(bucket_bytes))
+        self.plan = ray.get(learner.workers[0].weight_plan.remote(bucket_bytes), timeout=timeout_s)
         if transport == "collective":
-            tp_sizes = ray.get([w.__ray_call__.remote(_tensor_parallel_size) for w in rollout.workers])
+            tp_sizes = ray.get(
+                [w.__ray_call__.remote(_tensor_parallel_size) for w in rollout.workers], timeout=timeout_s
+            )
             offsets, world_size = sync_ranks(tp_sizes)
-            address, port = ray.get(learner.workers[0].free_address.remote())
+            address, port = ray.get(learner.workers[0].free_address.remote(), timeout=timeout_s)
             ranks = get_all(
                 [learner.workers[0].join_weight_sync.remote(address, port, world_size, timeout_s)]
                 + [

@@ -1,7 +1,9 @@
 """The controller's roles (cppo_rl/controller/roles.py) on the real stack: a role that fails to start
-releases the ones started before it."""
+releases the ones started before it; one that never comes up fails its start-up phase by name."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -44,3 +46,40 @@ def test_a_learner_that_fails_in_set_up_releases_the_engines_and_the_placement_g
     assert placement_group_table(placed.group)["state"] == "REMOVED"
     with pytest.raises(ACTOR_GONE):
         ray.get(engines[0].ready.remote(), timeout=60)
+
+
+def test_engines_that_never_come_up_fail_their_start_up_phase_by_name(ray_local):
+    """A stand-in engine whose readiness never comes (as a model stuck loading): the `rollout engines` phase
+    fails at its deadline with StartupTimeout naming it, and the actor is killed rather than left behind."""
+    import ray
+
+    from cppo_rl.controller.startup import Startup, StartupTimeout
+    from cppo_rl.remote import ACTOR_GONE
+    from cppo_rl.rollout.worker import RolloutGroup
+
+    class StuckEngine:  # defined here: Ray ships it by value
+        def ready(self) -> int:
+            time.sleep(600)
+            return 0
+
+        def probe(self) -> str:
+            return "alive"
+
+    started = []
+
+    def launcher(index: int):
+        started.append(ray.remote(StuckEngine).options(num_cpus=0, max_concurrency=2).remote())
+        return started[-1]
+
+    lines = []
+    clock = time.monotonic()
+    phase = Startup(3.0, log=lines.append).phase("rollout engines", "1 vLLM engine to load the model", "read the logs")
+    with (
+        pytest.raises(StartupTimeout, match=r"start-up phase 'rollout engines' did not finish within 3 s"),
+        phase as left,
+    ):
+        RolloutGroup.start(launcher, 1, left())
+    assert time.monotonic() - clock < 30
+    assert lines == ["start-up: rollout engines ..."]
+    with pytest.raises(ACTOR_GONE):
+        ray.get(started[0].probe.remote(), timeout=60)

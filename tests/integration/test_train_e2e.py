@@ -262,6 +262,29 @@ def _kill_an_engine_while_it_generates(tmp_path: Path, *extra: str) -> tuple[str
     return stdout, summary, history
 
 
+def test_an_engine_killed_inside_the_weight_sync_is_replaced_and_the_run_is_unchanged(full_run, tmp_path):
+    """Two engines; SIGKILL one while it receives a weight sync (its process is titled
+    `ray::RolloutWorker.receive_weights` meanwhile). The learner's broadcast fails; the controller finds the
+    learner alive and an engine gone, replaces every engine (the survivor may be stuck in the broken
+    collective) and syncs the weights afresh over a new group: the run goes on, the engines hold the learner's
+    weights (the next step's rollout/learner mismatch is numerical only), and steps and final weights equal
+    the uninterrupted run's."""
+    run = _start(tmp_path, "sync_killed", "rollout.num_engines=2", "learner.sync_timeout_s=30")
+    _wait_for_step_1(run, tmp_path / "sync_killed")
+    engines = _actor_processes(run, "RolloutWorker")
+    assert len(engines) == 2, engines
+    _wait_until(run, lambda: "receive_weights" in _command_line(engines[0]), "a weight sync", 0.0005)
+    engines[0].kill()
+    stdout, _, summary, history = _finish(run)
+    assert re.search(
+        r"weight sync failed \(\w+\) with workers \[[\d, ]+\] gone: restarting rollout engines \[0, 1\]", stdout
+    ), stdout[-3000:]
+    assert summary["steps"] == 4 and summary["engine_restarts"] == 2
+    assert all(h["actor/rollout_learner_logprob_mismatch"] < 1e-4 for h in history[1:])
+    _assert_same_steps(history, _history(full_run), range(1, 5))
+    _assert_same_weights(Path(summary["checkpoint"]), full_run / "checkpoints" / "step_000004")
+
+
 def test_a_killed_learner_restarts_the_run_from_its_latest_checkpoint(full_run, tmp_path):
     """SIGKILL the learner rank once the step-1 checkpoint is complete: the controller notices, stops the
     run's actors, and with trainer.max_restarts=1 starts again from the latest complete checkpoint; the
