@@ -321,23 +321,7 @@ class Trainer:
             t.max_staleness,
             t.total_steps,
         )
-        if saved:
-            state = saved
-            with self.startup.phase(
-                f"restore step {state.step}",
-                f"the learner to load {self.resume_from} and the engines to receive its weights",
-                "read the LearnerWorker actors' logs; the checkpoint must be on a filesystem every rank reads",
-            ):
-                self._restore(state, tracker.history_path, pipeline)
-            loader.load_state_dict(state.loader)
-        else:
-            with self.startup.phase(
-                "first generation (the held-out evaluation before training)",
-                f"{len(eval_examples)} prompts x {config.rollout.eval_samples} samples from the engines, then rewards",
-                "read the RolloutWorker actors' logs; lower data.eval_prompts or raise rollout.generate_timeout_s",
-                config.rollout.generate_timeout_s,
-            ):
-                state = RunState(evals=[[0, self._evaluate_and_log(tokenizer, eval_examples, tracker, 0, {})]])
+        state = self._begin(tokenizer, eval_examples, tracker, saved, pipeline)
         elapsed_before = state.elapsed_seconds
         state.wandb_run_id, state.config = tracker.run_id, dataclasses.asdict(config)
         pipeline.fill(state.step + 1)
@@ -387,6 +371,28 @@ class Trainer:
             **totals.summary(),
             "startup_seconds": self.startup.seconds,
         }
+
+    def _begin(self, tokenizer, eval_examples, tracker, saved: RunState | None, pipeline) -> RunState:
+        """The state the first step starts from: restored from the resume checkpoint (the learner, the engines'
+        weights, the batches generated ahead), or a fresh one after the held-out evaluation before training;
+        each a start-up phase."""
+        if saved:
+            with self.startup.phase(
+                f"restore step {saved.step}",
+                f"the learner to load {self.resume_from} and the engines to receive its weights",
+                "read the LearnerWorker actors' logs; the checkpoint must be on a filesystem every rank reads",
+            ):
+                self._restore(saved, tracker.history_path, pipeline)
+            pipeline.loader.load_state_dict(saved.loader)
+            return saved
+        r = self.config.rollout
+        with self.startup.phase(
+            "first generation (the held-out evaluation before training)",
+            f"{len(eval_examples)} prompts x {r.eval_samples} samples from the engines, then rewards",
+            "read the RolloutWorker actors' logs; lower data.eval_prompts or raise rollout.generate_timeout_s",
+            r.generate_timeout_s,
+        ):
+            return RunState(evals=[[0, self._evaluate_and_log(tokenizer, eval_examples, tracker, 0, {})]])
 
     def _evaluate_and_log(self, tokenizer, examples: list[Example], tracker, step: int, metrics: dict) -> float:
         """Evaluate at `step`, add the eval metrics to `metrics`, log the sample table (and at step 0 the
