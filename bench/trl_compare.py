@@ -292,8 +292,8 @@ def run_trl(python: str, spec: dict, timeout: int) -> dict:
 # the learner set up for one machine (no sharding to do with one rank: ZeRO stage 0; both cores, which the
 # engine leaves idle while the learner trains)
 CPPO_SIDES = {
-    "cppo_rl": [],
-    "cppo_rl_one_machine": ["learner.zero_stage=0", "learner.threads_per_rank=2"],
+    "cppo_rl": ["trainer.max_staleness=0"],
+    "cppo_rl_one_machine": ["trainer.max_staleness=0", "learner.zero_stage=0", "learner.threads_per_rank=2"],
     # asynchronous rollouts: the engine generates the next batch on one core while the learner (ZeRO stage 0,
     # one thread) trains on the other (docs/training.md)
     "cppo_rl_async": ["trainer.max_staleness=1", "learner.zero_stage=0", "learner.threads_per_rank=1"],
