@@ -282,9 +282,11 @@ class Trainer:
 
         self.started = time.perf_counter()
         self.startup = Startup(self.config.cluster.startup_timeout_s)
-        address = self.config.cluster.address or os.environ.get("RAY_ADDRESS")
+        import ray
+
+        address = self.config.cluster.address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
         with self.startup.phase(
-            f"connect to Ray ({address or 'a new local cluster'})",
+            f"connect to Ray ({'connected already' if ray.is_initialized() else address})",
             "Ray to start or answer",
             "check cluster.address / RAY_ADDRESS and that `ray status` answers there (RAY_AUTH_MODE=token and the "
             "cluster's token for a Ray 2.60 head: docs/launch.md)",
