@@ -23,6 +23,7 @@ and the final held-out accuracy is within noise of an undisturbed run's (`--refe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -125,9 +126,14 @@ def strike(driver: psutil.Process, target: dict, rng: random.Random, patience_s:
     deadline = time.monotonic() + patience_s
     while time.monotonic() < deadline:
         try:
-            victims = [p for p in driver.children(recursive=True) if role(p, driver.pid) == target["role"]]
-        except psutil.NoSuchProcess:
+            children = driver.children(recursive=True)
+        except psutil.NoSuchProcess:  # the driver is gone
             break
+        victims = []
+        for process in children:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # it ended meanwhile
+                if role(process, driver.pid) == target["role"]:
+                    victims.append(process)
         if victims:
             victim = rng.choice(victims)
             try:
@@ -248,8 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     history = args.out / "run" / "metrics.jsonl"
     while run.poll() is None:
         try:
-            for process in driver.children(recursive=True):
+            children = driver.children(recursive=True)
+        except psutil.NoSuchProcess:  # the driver is gone
+            break
+        for process in children:  # a child may end between the listing and the look (chaos kills them)
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 seen.setdefault(process.pid, (process.create_time(), " ".join(process.cmdline())[:120]))
+        try:
             roles = sample(driver)
         except psutil.NoSuchProcess:
             break
