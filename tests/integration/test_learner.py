@@ -238,4 +238,6 @@ def test_training_by_reference_equals_training_on_the_whole_batch(rollout_worker
     (whole_metrics, whole_update), (ref_metrics, ref_update) = results
     assert whole_update.abs().max() > 0
     assert torch.equal(ref_update, whole_update)
+    # the same metrics, but for the seconds each rank spent in the call (`busy_s`, a timing)
+    assert ref_metrics.pop("busy_s") > 0 and whole_metrics.pop("busy_s") > 0
     assert ref_metrics == whole_metrics
