@@ -356,7 +356,7 @@ def run_cppo(model_dir: str, size: dict, timeout: int, name: str = "cppo_rl", ex
         "overrides": overrides,
         "step_seconds": [row["time/step_s"] for row in steps],
         "phase_seconds": {
-            phase: [row[f"time/{phase}_s"] for row in steps] for phase in ("generate", "reward", "learner", "sync")
+            phase: [row[f"time/{phase}_s"] for row in steps] for phase in ("generate", "reward", "learner", "drain", "sync")
         },
         "rewards": [row["train/reward"] for row in steps],
         "response_length_mean": [row["train/response_length_mean"] for row in steps],

@@ -28,7 +28,7 @@ class RolloutBatch:
     topk_logprobs:    float32 [N, T, S], log mu of those ids; unused slots and padding -inf
     group_index:      int64 [N], the prompt each response answers (samples of a prompt share it)
     finish_reason:    N strings, "stop" or "length"
-    policy_version:   version of the weights that generated the batch
+    policy_version:   version of the weights that generated the batch (the oldest one, when joined batches differ)
     response_texts:   N decoded responses (for the reward)
     rewards:          float32 [N], filled by the reward pool
     advantages:       float32 [N] or [N, T], filled by the controller
@@ -107,12 +107,10 @@ class RolloutBatch:
     @staticmethod
     def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """Join batches in order, re-padding to the longest response; group ids are made distinct
-        across batches (each batch's groups are shifted past the previous ones)."""
+        across batches (each batch's groups are shifted past the previous ones); the joined batch's
+        policy_version is the oldest of theirs."""
         if not batches:
             raise ValueError("RolloutBatch.concat: no batches given")
-        versions = {b.policy_version for b in batches}
-        if len(versions) != 1:
-            raise ValueError(f"RolloutBatch.concat: batches come from different policy versions {sorted(versions)}")
         width = max(b.response_ids.shape[1] for b in batches)
         slots = batches[0].topk_ids.shape[-1]
         if any(b.topk_ids.shape[-1] != slots for b in batches):
@@ -133,7 +131,7 @@ class RolloutBatch:
             topk_logprobs=torch.cat([pad(b.topk_logprobs, -float("inf")) for b in batches]),
             group_index=join_group_index([b.group_index for b in batches]),
             finish_reason=[r for b in batches for r in b.finish_reason],
-            policy_version=versions.pop(),
+            policy_version=min(b.policy_version for b in batches),
             response_texts=[t for b in batches for t in b.response_texts],
         )
 

@@ -224,6 +224,14 @@ class TrainerConfig:
     # sample is trained at most k policy versions after the one that sampled it; 0 = synchronous
     # (cppo_rl/controller/pipeline.py, docs/training.md)
     max_staleness: int = 0
+    # lockstep: step n trains on the batch version n - 1 - k generated (reproducible, exactly resumable);
+    # free: the engines generate without pause in chunks, bounded by k (cppo_rl/controller/free_pipeline.py)
+    rollout_mode: str = "lockstep"
+    # free mode: a chunk at its last chance is waited for (wait) or dropped past the bound, counted (drop)
+    stale_policy: str = "wait"
+    # free mode: prompts per engine call, dividing prompts_per_step; 0 = prompts_per_step / rollout.num_engines
+    # (the largest divisor of prompts_per_step not above it)
+    chunk_prompts: int = 0
 
     @property
     def updates_per_rollout(self) -> int:
@@ -373,7 +381,19 @@ CHOICES = {
     "cluster.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "logging.mode": ("auto", "online", "offline", "disabled"),
     "learner.sync_transport": ("collective", "object_store"),
+    "trainer.rollout_mode": ("lockstep", "free"),
+    "trainer.stale_policy": ("wait", "drop"),
 }
+
+
+def chunk_prompts(config: TrainConfig) -> int:
+    """Prompts per engine call in free-running rollouts: `trainer.chunk_prompts`, or for 0 the largest divisor of
+    trainer.prompts_per_step that is at most prompts_per_step / rollout.num_engines (at least 1)."""
+    t = config.trainer
+    if t.chunk_prompts:
+        return t.chunk_prompts
+    limit = max(1, t.prompts_per_step // config.rollout.num_engines)
+    return max(d for d in range(1, limit + 1) if t.prompts_per_step % d == 0)
 
 
 def validate(config: TrainConfig) -> None:
@@ -435,6 +455,11 @@ def config_problems(config: TrainConfig) -> list[str]:
         problems.append(
             f"trainer.prompts_per_step={t.prompts_per_step} is not a multiple of trainer.minibatch_prompts="
             f"{t.minibatch_prompts}; updates per rollout = prompts_per_step / minibatch_prompts must be whole"
+        )
+    if t.chunk_prompts > 0 and t.prompts_per_step % t.chunk_prompts:
+        problems.append(
+            f"trainer.chunk_prompts={t.chunk_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}; "
+            "a batch is made of whole chunks: use a divisor, or 0 (prompts_per_step / rollout.num_engines)"
         )
     if r.max_response_length >= r.max_model_len:
         problems.append(
@@ -520,6 +545,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
         "trainer.max_skipped_steps": t.max_skipped_steps,
         "trainer.max_restarts": t.max_restarts,
         "trainer.max_staleness": t.max_staleness,
+        "trainer.chunk_prompts": t.chunk_prompts,
         "rollout.max_engine_restarts": r.max_engine_restarts,
         "learner.threads_per_rank": lrn.threads_per_rank,
         "cluster.num_gpus": c.num_gpus,

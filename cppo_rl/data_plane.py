@@ -177,9 +177,6 @@ class RolloutRefs:
     def __post_init__(self) -> None:
         if not self.chunks:
             raise ValueError("RolloutRefs: no chunks given")
-        versions = {c.chunk.policy_version for c in self.chunks}
-        if len(versions) != 1:
-            raise ValueError(f"RolloutRefs: chunks come from different policy versions {sorted(versions)}")
 
     @property
     def num_responses(self) -> int:
@@ -187,7 +184,13 @@ class RolloutRefs:
 
     @property
     def policy_version(self) -> int:
-        return self.chunks[0].chunk.policy_version
+        """The oldest version that generated a row (free-running rollouts mix versions in one batch)."""
+        return min(c.chunk.policy_version for c in self.chunks)
+
+    @property
+    def row_versions(self) -> torch.Tensor:
+        """int64 [N]: the policy version that generated each row."""
+        return torch.cat([torch.full((c.chunk.num_responses,), c.chunk.policy_version) for c in self.chunks])
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -303,33 +306,49 @@ def gather_rows(
 
 @dataclass
 class SavedRollouts:
-    """The scored batches generated ahead, as a checkpoint carries them (learner rank 0 fetches the heavy
-    parts by reference and writes them: `write_rollouts`). Each item: step, chunks (the
-    light parts), tensors (refs, nested here so Ray does not resolve them), rewards, advantages, outcomes,
-    version."""
+    """The scored rollouts generated ahead of the learner, as a checkpoint carries them (learner rank 0
+    fetches the heavy parts by reference and writes them: `write_rollouts`). Each item is one file,
+    `{item["name"]}.pt`: its chunks (the light parts), tensors (refs, nested here so Ray does not resolve
+    them), outcomes and version, plus what its pipeline needs (a lockstep batch: its step, rewards and
+    advantages; a free-running chunk: its prompts). `state`: the pipeline's own state besides the items
+    (free-running rollouts: the prompts drawn but not finished), written to `state.pt`."""
 
     items: list[dict]
+    state: dict | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.items) or self.state is not None
 
 
-def write_rollouts(directory, saved, get: Callable[[object], ChunkTensors]) -> int:
-    """Write the scored batches a checkpoint carries (SavedRollouts) into
-    `directory`: one file per batch, its heavy parts fetched one batch at a time with `get` (ray.get).
-    Returns the bytes written."""
+STATE_FILE = "state.pt"
+
+
+def write_rollouts(directory, saved: SavedRollouts, get: Callable[[object], ChunkTensors]) -> int:
+    """Write what a checkpoint carries of the pipeline (SavedRollouts) into `directory`: one file per item,
+    its heavy parts fetched one item at a time with `get` (ray.get), and the state. Returns the bytes
+    written."""
     from pathlib import Path
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = 0
     for item in saved.items:
-        path = directory / f"step_{item['step']:06d}.pt"
+        path = directory / f"{item['name']}.pt"
         torch.save({**item, "tensors": [get(ref) for ref in item["tensors"]]}, path)
         written += path.stat().st_size
+    if saved.state is not None:
+        torch.save(saved.state, directory / STATE_FILE)
+        written += (directory / STATE_FILE).stat().st_size
     return written
 
 
-def read_rollouts(directory) -> list[dict]:
-    """The batches `write_rollouts` wrote (heavy parts as ChunkTensors), in step order; [] when none."""
+def read_rollouts(directory) -> SavedRollouts:
+    """What `write_rollouts` wrote (heavy parts as ChunkTensors), items in name order; empty when none."""
     from pathlib import Path
 
-    paths = sorted(Path(directory).glob("step_*.pt")) if Path(directory).is_dir() else []
-    return [torch.load(path, weights_only=False) for path in paths]
+    directory = Path(directory)
+    if not directory.is_dir():
+        return SavedRollouts([])
+    paths = sorted(p for p in directory.glob("*.pt") if p.name != STATE_FILE)
+    state = torch.load(directory / STATE_FILE, weights_only=False) if (directory / STATE_FILE).is_file() else None
+    return SavedRollouts([torch.load(path, weights_only=False) for path in paths], state)

@@ -1,4 +1,5 @@
-"""Rollouts generated ahead of the learner, with bounded staleness (`trainer.max_staleness` = k).
+"""Rollouts generated ahead of the learner, with bounded staleness (`trainer.max_staleness` = k), in
+lockstep mode (`trainer.rollout_mode=lockstep`; the free-running mode: cppo_rl/controller/free_pipeline.py).
 
 Policy versions count training steps: version n is the weights after step n (its
 `trainer.updates_per_rollout` optimizer updates), which the engines hold from step n's weight sync on;
@@ -96,6 +97,7 @@ class LockstepPipeline:
         self.max_staleness, self.total_steps = max_staleness, total_steps
         self.ready: dict[int, Rollout] = {}  # step -> scored batch, generated ahead
         self.deferred: _InFlight | None = None  # a batch to generate again after the next sync
+        self.busy_s = 0.0  # the engines' generation seconds since the last step_stats()
 
     def _submit(self, step: int) -> _InFlight:
         examples = self.loader.next_batch()
@@ -133,6 +135,7 @@ class LockstepPipeline:
             return self.ready.pop(step)
         rollout = self._collect(self._submit(step), same_weights=True)
         rollout.ahead = False
+        self.busy_s += rollout.generate_s
         return rollout
 
     def start_ahead(self, step: int) -> _InFlight | None:
@@ -142,10 +145,10 @@ class LockstepPipeline:
             return None
         return self._submit(ahead)
 
-    def finish_ahead(self, flight: _InFlight | None) -> float:
-        """Wait for the batch `start_ahead` submitted and score it (the learner is training meanwhile: an
-        engine lost now is healed without the engines' weights, `Roles.collect`); returns its generation
-        seconds (0 when there was none)."""
+    def finish_ahead(self, flight: _InFlight | None, training: list) -> float:
+        """Wait for the batch `start_ahead` submitted and score it (the learner is training meanwhile, its
+        `training` calls not waited for here: an engine lost now is healed without the engines' weights,
+        `Roles.collect`); returns its generation seconds (0 when there was none)."""
         if flight is None:
             return 0.0
         rollout = self._collect(flight, same_weights=False)
@@ -153,7 +156,12 @@ class LockstepPipeline:
             self.deferred = flight
             return 0.0
         self.ready[flight.step] = rollout
+        self.busy_s += rollout.generate_s
         return rollout.generate_s
+
+    def before_sync(self) -> float:
+        """Nothing to drain: no batch is generating once `finish_ahead` returned."""
+        return 0.0
 
     def after_sync(self) -> float:
         """Generate again, with the weights just synced, a batch whose engines were all lost (`finish_ahead`);
@@ -165,7 +173,19 @@ class LockstepPipeline:
         flight.handles = {}
         rollout = self._collect(flight, same_weights=True)
         self.ready[flight.step] = rollout
+        self.busy_s += rollout.generate_s
         return rollout.generate_s
+
+    def step_stats(self) -> dict[str, float]:
+        """This step's rollout-side figures (reset on each call): the engines' busy seconds, dropped prompts
+        (none: lockstep batches are never dropped)."""
+        stats = {"rollout_busy_s": self.busy_s, "dropped_prompts": 0.0}
+        self.busy_s = 0.0
+        return stats
+
+    def run_stats(self) -> dict[str, int]:
+        """summary.json's figures of the run (none besides the totals the trainer keeps)."""
+        return {}
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -174,6 +194,7 @@ class LockstepPipeline:
         return SavedRollouts(
             [
                 {
+                    "name": f"step_{r.step:06d}",
                     "step": r.step,
                     "version": r.version,
                     "chunks": [c.chunk for c in r.refs.chunks],
@@ -188,10 +209,10 @@ class LockstepPipeline:
             ]
         )
 
-    def restore(self, items: list[dict], put: Callable[[object], object]) -> None:
+    def restore(self, saved: SavedRollouts, put: Callable[[object], object]) -> None:
         """The batches a checkpoint saved (`cppo_rl.data_plane.read_rollouts`), back in the pipeline; `put`
         (ray.put) stores each chunk's heavy part in the object store again."""
-        for item in items:
+        for item in saved.items:
             chunks = [ChunkRef(c, put(t)) for c, t in zip(item["chunks"], item["tensors"], strict=True)]
             refs = RolloutRefs(chunks, rewards=item["rewards"], advantages=item["advantages"])
             self.ready[item["step"]] = Rollout(

@@ -13,6 +13,8 @@ Self-healing lives here too:
   (asynchronous rollouts) it no longer holds the weights that sample the batch, so the lost chunks go to
   the surviving engines instead and the dead engine is replaced at the next sync; with no survivor the
   batch is generated again after that sync, at the new version (`collect` returns None).
+- `launch` / `wait` / `receive`: one generate call on one engine, for free-running rollouts
+  (cppo_rl/controller/free_pipeline.py), which heal their own lost calls through `lost_engines`.
 - `sync`: a failed weight sync replaces the engines, or raises ActorFailure when the learner is gone
   (`run_with_restarts` starts the run again from its latest checkpoint).
 """
@@ -20,11 +22,27 @@ Self-healing lives here too:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cppo_rl.config import TrainConfig, engine_config, learner_config
 from cppo_rl.controller.startup import Startup
-from cppo_rl.data_plane import RolloutChunk, RolloutRefs
+from cppo_rl.data_plane import ChunkRef, RolloutChunk, RolloutRefs
 from cppo_rl.rollout.sampling import SamplingConfig
+
+
+class EngineLost(RuntimeError):
+    """An engine died during a `Roles.launch` call."""
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One generate call running on an engine (`Roles.launch`): `ready` resolves to its light part
+    (RolloutChunk), `tensors` is its heavy part's ref; `worker` the actor that runs it."""
+
+    engine: int
+    worker: object
+    ready: object
+    tensors: object
 
 
 class Roles:
@@ -182,6 +200,37 @@ class Roles:
                 )
                 for position, chunk in enumerate(missing):
                     pending.start_chunk(chunk, survivors[position % len(survivors)])
+
+    def launch(self, engine: int, prompt_ids: list[list[int]], sampling: SamplingConfig) -> EngineCall:
+        """Start one generate call on engine `engine` (its prompts seeded sampling.seed + i) and return at
+        once; `wait` for its `ready` ref, then `receive` it. Free-running rollouts' unit of work."""
+        worker = self.rollout.workers[engine]
+        light, heavy = worker.generate.remote(prompt_ids, sampling, 0)
+        return EngineCall(engine, worker, light, heavy)
+
+    @staticmethod
+    def wait(refs: list, num_returns: int = 1, timeout_s: float | None = None) -> list:
+        """The refs among `refs` that are ready (failed ones too) once `num_returns` are, or `timeout_s` passed
+        (ray.wait)."""
+        import ray
+
+        return ray.wait(list(refs), num_returns=min(num_returns, len(refs)), timeout=timeout_s)[0] if refs else []
+
+    def receive(self, call: EngineCall) -> ChunkRef:
+        """The finished chunk of `call` (its light part here, its heavy part by reference); EngineLost when
+        its engine died."""
+        import ray
+
+        from cppo_rl.remote import ACTOR_GONE
+
+        try:
+            return ChunkRef(ray.get(call.ready), call.tensors)
+        except ACTOR_GONE as error:
+            raise EngineLost(f"worker {call.engine} died ({type(error).__name__})") from error
+
+    def is_current(self, call: EngineCall) -> bool:
+        """Whether `call`'s engine still holds its slot (not replaced since the call started)."""
+        return self.rollout.workers[call.engine] is call.worker
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> RolloutRefs:
         """`collect(submit(...))` with the learner idle (evaluation; synchronous steps)."""

@@ -58,6 +58,20 @@ def find_resume_checkpoint(resume: str, run_dir: Path, clean: bool = True) -> Pa
     return found
 
 
+def check_rollout_mode(checkpoint: Path, mode: str) -> None:
+    """ConfigError when `checkpoint` carries rollouts generated ahead in another trainer.rollout_mode than
+    `mode` (a lockstep batch and a free-running chunk are saved differently)."""
+    from cppo_rl.config import ConfigError
+    from cppo_rl.learner.checkpoint import ROLLOUTS_DIR, read_marker
+
+    saved = read_marker(checkpoint)["trainer"].get("config", {}).get("trainer", {}).get("rollout_mode", "lockstep")
+    if saved != mode and any((checkpoint / ROLLOUTS_DIR).glob("*.pt")):
+        raise ConfigError(
+            f"trainer.rollout_mode={mode}: {checkpoint} carries the rollouts a {saved} run generated ahead; resume "
+            f"it with trainer.rollout_mode={saved} (a checkpoint without rollouts/ resumes in either mode)"
+        )
+
+
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts (FREE_ON_RESUME keys excluded)."""
     changed = []
@@ -143,6 +157,8 @@ class Trainer:
         self.config, self.run_dir, self.restarts = config, run_dir, restarts  # restarts: of this run so far
         self.loss_config = policy_loss_config(config)  # validates the algorithm's knobs up front
         self.resume_from = find_resume_checkpoint(config.trainer.resume, run_dir)
+        if self.resume_from:
+            check_rollout_mode(self.resume_from, config.trainer.rollout_mode)
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -309,20 +325,10 @@ class Trainer:
 
     def _train(self, tokenizer, loader, eval_examples, tracker, saved: RunState | None, stop) -> dict:
         """The loop: (restore or evaluate), then per step train, evaluate when due, log, checkpoint."""
-        from cppo_rl.controller.pipeline import LockstepPipeline
         from cppo_rl.controller.progress import Progress
 
         config, t = self.config, self.config.trainer
-        pipeline = LockstepPipeline(
-            self.roles,
-            loader,
-            lambda examples: self._encode(tokenizer, examples),
-            sampling_config(config, training=True, seed=t.seed),
-            get_advantage(config.algorithm.advantage),
-            config.algorithm.adv_std_norm,
-            t.max_staleness,
-            t.total_steps,
-        )
+        pipeline = self._pipeline(tokenizer, loader)
         state = self._begin(tokenizer, eval_examples, tracker, saved, pipeline)
         elapsed_before = state.elapsed_seconds
         state.wandb_run_id, state.config = tracker.run_id, dataclasses.asdict(config)
@@ -370,9 +376,34 @@ class Trainer:
             "restarts": self.restarts,
             "placement": self.roles.placement,
             "max_staleness": t.max_staleness,
+            "rollout_mode": t.rollout_mode,
+            **pipeline.run_stats(),
             **totals.summary(),
             "startup_seconds": self.startup.seconds,
         }
+
+    def _pipeline(self, tokenizer, loader):
+        """The rollout pipeline of `trainer.rollout_mode`: LockstepPipeline or FreePipeline."""
+        from cppo_rl.config import chunk_prompts
+        from cppo_rl.controller.free_pipeline import FreePipeline
+        from cppo_rl.controller.pipeline import LockstepPipeline
+
+        config, t = self.config, self.config.trainer
+        common = (
+            self.roles,
+            loader,
+            lambda examples: self._encode(tokenizer, examples),
+            sampling_config(config, training=True, seed=t.seed),
+            get_advantage(config.algorithm.advantage),
+            config.algorithm.adv_std_norm,
+            t.max_staleness,
+            t.total_steps,
+        )
+        if t.rollout_mode == "lockstep":
+            return LockstepPipeline(*common)
+        return FreePipeline(
+            *common, t.prompts_per_step, chunk_prompts(config), t.stale_policy, config.rollout.generate_timeout_s
+        )
 
     def _begin(self, tokenizer, eval_examples, tracker, saved: RunState | None, pipeline) -> RunState:
         """The state the first step starts from: restored from the resume checkpoint (the learner, the engines'
@@ -410,8 +441,9 @@ class Trainer:
         return eval_metrics["eval/accuracy"]
 
     def _step(self, step: int, pipeline) -> dict[str, float]:
-        """One training step: take the batch of `step` (generated ahead, or now when k = 0), train on it while
-        the engines generate the batch of step + k, then sync the weights as version `step`."""
+        """One training step: take the batch of `step` (generated ahead, or now), train on it while the engines
+        generate ahead (within trainer.max_staleness), drain them (free mode), sync the weights as version
+        `step`, and let the engines go on."""
         learner = self.roles.learner
         started = time.perf_counter()
         rollout = pipeline.take(step)  # a RolloutRefs with rewards and advantages: only light parts here
@@ -419,9 +451,10 @@ class Trainer:
         ahead = pipeline.start_ahead(step)
         clock = time.perf_counter()
         training = learner.start_training(rollout.refs)  # by reference: each rank fetches its rows' chunks
-        ahead_s = pipeline.finish_ahead(ahead)  # while the learner trains
+        ahead_s = pipeline.finish_ahead(ahead, training)  # while the learner trains
         actor = learner.training_result(training)
         learner_s = time.perf_counter() - clock
+        drain_s = pipeline.before_sync()
         clock = time.perf_counter()
         sync = self.roles.sync(step)
         sync_s = time.perf_counter() - clock
@@ -431,18 +464,22 @@ class Trainer:
             "generate": rollout.generate_s,
             "reward": rollout.reward_s,
             "learner": learner_s,
+            "drain": drain_s,
             "sync": sync_s,
             "step": step_s,
         }
+        staleness = (step - 1 - rollout.refs.row_versions).float()
+        rollout_side = pipeline.step_stats()
         pipeline_metrics = {
-            "pipeline/staleness_mean": float(step - 1 - rollout.version),
-            "pipeline/staleness_max": float(step - 1 - rollout.version),
+            "pipeline/staleness_mean": float(staleness.mean()),
+            "pipeline/staleness_max": float(staleness.max()),
             "pipeline/generated_by_version": float(rollout.version),
             "pipeline/in_flight_s": rollout.generate_s,
             "pipeline/queue_s": queued_s,
             "pipeline/ahead_generate_s": ahead_s,
+            "pipeline/dropped_prompts": rollout_side["dropped_prompts"],
             # each role's busy seconds in this step (the weight sync keeps both busy)
-            "pipeline/rollout_busy_s": (0.0 if rollout.ahead else rollout.generate_s) + ahead_s + sync_s,
+            "pipeline/rollout_busy_s": rollout_side["rollout_busy_s"] + sync_s,
             "pipeline/learner_busy_s": actor.get("busy_s", learner_s) + sync_s,
         }
         metrics = step_metrics(rollout.refs, rollout.outcomes, actor, timings, sync.bytes_per_second, step)

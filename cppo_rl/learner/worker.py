@@ -323,7 +323,7 @@ class LearnerWorker:
     ) -> str | None:
         """All ranks: write DeepSpeed state (model, optimizer, scheduler, RNG) and a consolidated HF
         directory into a staging folder, then (rank 0) rename it into place with `metadata` (JSON, e.g.
-        the controller's state) in its completion marker. Rank 0 also writes `rollouts` (the batches
+        the controller's state) in its completion marker. Rank 0 also writes `rollouts` (the rollouts
         generated ahead of the learner, fetched by reference) into `rollouts/`. Returns the path on rank 0."""
         import torch.distributed as dist
 
@@ -337,7 +337,7 @@ class LearnerWorker:
         weights = self.gather_weights()
         if self.rank == 0:
             self._save_hf(staged / "hf", weights)
-            if rollouts is not None and rollouts.items:
+            if rollouts:
                 import ray
 
                 write_rollouts(staged / ROLLOUTS_DIR, rollouts, ray.get)

@@ -402,3 +402,43 @@ def test_async_rollouts_survive_a_killed_learner(async_run, tmp_path):
     _, summary, history = _kill_the_learner_after_a_checkpoint(tmp_path, *ASYNC)
     _assert_same_steps(history, _history(async_run), range(1, 5))
     _assert_same_weights(Path(summary["checkpoint"]), async_run / "checkpoints" / "step_000004")
+
+
+# -- free-running rollouts (trainer.rollout_mode=free) -------------------------------------------------
+
+FREE = ("trainer.rollout_mode=free", "trainer.max_staleness=2", "rollout.num_engines=2", "trainer.chunk_prompts=1")
+
+
+def test_free_rollouts_survive_a_killed_engine_and_resume_from_a_sigterm_checkpoint(tmp_path):
+    """Free-running rollouts, two engines, k = 2, one prompt per engine call: SIGKILL an engine while it
+    generates after step 1 (its chunk starts again on the other engine, it is replaced at the next sync),
+    then SIGTERM the run. Its checkpoint carries the finished chunks and the prompts drawn but not finished;
+    the resumed run finishes, and no trained sample was staler than k."""
+    run = _start(tmp_path, "free", *FREE)
+    run_dir = tmp_path / "free"
+    _wait_for_step_1(run, run_dir)
+    engines = _actor_processes(run, "RolloutWorker")
+    assert len(engines) == 2, engines
+    _wait_until(run, lambda: "RolloutWorker.generate" in _command_line(engines[0]), "a generation", 0.002)
+    engines[0].kill()
+    history_file = run_dir / "metrics.jsonl"
+    _wait_until(run, lambda: '"rollout/engine_restarts": 1' in history_file.read_text(), "the engine was replaced")
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=TIMEOUT_S)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-4000:]
+    assert re.search(r"worker \d died \(\w+\): its chunk of 1 prompts starts again on another engine", stdout), stdout
+    interrupted = json.loads((run_dir / "summary.json").read_text())
+    assert interrupted["rollout_mode"] == "free" and interrupted["restarted_chunks"] >= 1
+    assert interrupted["engine_restarts"] == 1 and interrupted["steps"] < 4
+    saved = Path(interrupted["checkpoint"]) / "rollouts"
+    state = torch.load(saved / "state.pt", weights_only=False)
+    items = [torch.load(path, weights_only=False) for path in sorted(saved.glob("chunk_*.pt"))]
+    prompts = [e.source for item in items for e in item["examples"]] + [e.source for e in state["unstarted"]]
+    assert prompts and len(prompts) == len(set(prompts))  # each prompt drawn and not trained, saved once
+    assert all(interrupted["steps"] - 2 <= item["version"] <= interrupted["steps"] for item in items)
+
+    stdout, _, summary, history = _finish(_start(tmp_path, "free", *FREE, "trainer.resume=auto"))
+    assert f"resumed from {interrupted['checkpoint']} (step {interrupted['steps']})" in stdout
+    assert summary["steps"] == 4 and [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    assert summary["staleness"]["max"] <= 2 and all(h["pipeline/staleness_max"] <= 2 for h in history[1:])
+    assert all(h["pipeline/dropped_prompts"] == 0 for h in history[1:])

@@ -17,7 +17,7 @@ from cppo_rl.algorithms import get_advantage
 from cppo_rl.config import TrainConfig
 from cppo_rl.controller.pipeline import LockstepPipeline, generating_version
 from cppo_rl.controller.trainer import PipelineTotals, Trainer
-from cppo_rl.data_plane import ChunkRef, RolloutChunk, RolloutRefs
+from cppo_rl.data_plane import ChunkRef, RolloutChunk, RolloutRefs, SavedRollouts
 from cppo_rl.rewards.base import RewardOutcome
 from cppo_rl.rollout.sampling import SamplingConfig
 
@@ -203,7 +203,8 @@ def test_saved_batches_restore_to_the_same_schedule():
     resumed_loader = FakeLoader()
     resumed_loader.batches = loader.batches  # the loader's saved position (batch 4 was the last taken)
     resumed = _pipeline(resumed_roles, 2, 5, resumed_loader)
-    resumed.restore([{**item, "tensors": [None]} for item in saved.items], put=lambda tensors: tensors)
+    restored = SavedRollouts([{**item, "tensors": [None]} for item in saved.items])
+    resumed.restore(restored, put=lambda tensors: tensors)
     resumed.fill(3)
     resumed_trainer = _trainer(resumed_roles, 2, 5)
     for step in (3, 4, 5):

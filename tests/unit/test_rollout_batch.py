@@ -62,9 +62,8 @@ def test_concat_repads_and_makes_group_ids_distinct():
     assert joined.prompt_ids == first.prompt_ids + second.prompt_ids
 
 
-def test_concat_refuses_mixed_policy_versions_and_slot_counts():
-    with pytest.raises(ValueError, match="different policy versions"):
-        RolloutBatch.concat([_batch([1], [0], version=0), _batch([1], [0], version=1)])
+def test_concat_keeps_the_oldest_policy_version_and_refuses_mixed_slot_counts():
+    assert RolloutBatch.concat([_batch([1], [0], version=3), _batch([1], [0], version=2)]).policy_version == 2
     with pytest.raises(ValueError, match="token-set slots"):
         RolloutBatch.concat([_batch([1], [0], slots=3), _batch([1], [0], slots=4)])
     with pytest.raises(ValueError, match="no batches"):
