@@ -37,6 +37,11 @@ def machine() -> dict:
     }
 
 
+def date_now() -> str:
+    """The current UTC time, as the result files write it."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 def write_result(name: str, ratio: float, goal: str, met: bool, **figures: object) -> Path:
     """Write `bench/results/<name>.json` and return its path."""
     RESULTS.mkdir(exist_ok=True)
@@ -45,7 +50,7 @@ def write_result(name: str, ratio: float, goal: str, met: bool, **figures: objec
         "ratio": ratio,
         "goal": goal,
         "met": met,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": date_now(),
         "machine": machine(),
         **figures,
     }

@@ -23,7 +23,7 @@ sees what cppo_rl sees: the same prompt token ids (its own `_tokenize_prompts` a
 `Trainer._encode`), the same log-probabilities of the model on a fixed sequence, the same rewards.
 The two runs cannot be interleaved; they run one after the other.
 
-    python -m bench.trl_compare [--quick]
+    python -m bench.trl_compare [--quick] [--models tiny 25m]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import peak_rss_mib, print_table, write_result
+from bench.common import RESULTS, date_now, peak_rss_mib, print_table, write_result
 from bench.rollout_throughput import MODELS as ROLLOUT_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,7 +356,8 @@ def run_cppo(model_dir: str, size: dict, timeout: int, name: str = "cppo_rl", ex
         "overrides": overrides,
         "step_seconds": [row["time/step_s"] for row in steps],
         "phase_seconds": {
-            phase: [row[f"time/{phase}_s"] for row in steps] for phase in ("generate", "reward", "learner", "drain", "sync")
+            phase: [row[f"time/{phase}_s"] for row in steps]
+            for phase in ("generate", "reward", "learner", "drain", "sync")
         },
         "rewards": [row["train/reward"] for row in steps],
         "response_length_mean": [row["train/response_length_mean"] for row in steps],
@@ -438,10 +439,29 @@ def compare(model: str, size: dict, sides: dict[str, list[str]], python: str, ti
     }
 
 
+def kept_rows(path: Path, models: set[str]) -> dict:
+    """The rows of `models` from the result file at `path` (none when it has no such row)."""
+    if not models or not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    return {
+        model: {**row, "date": row.get("date", previous["date"])}
+        for model, row in previous.get("rows", {}).items()
+        if model in models
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="the tiny model only, 4 prompts x 4 samples, 3 steps, the side of record"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(MODELS),
+        help="the rows to measure (default: all); the others are kept from the last result file, with their dates",
     )
     parser.add_argument("--trl-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -461,20 +481,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nwrote {path}")
         return
     timeout = 600 if args.quick else 1500
-    rows = {}
-    for model, size in (("tiny", SIZES["quick"]),) if args.quick else (("tiny", SIZES["full"]), ("25m", SIZES["25m"])):
+    rows = kept_rows(RESULTS / f"{name}.json", set(MODELS) - set(args.models)) if not args.quick else {}
+    full = [(model, SIZES["full" if model == "tiny" else model]) for model in args.models]
+    measured = (("tiny", SIZES["quick"]),) if args.quick else full
+    for model, size in measured:
         # the quick run: the side of record; the larger model: it and the best synchronous one; else all
         names = (
             [RATIO_SIDE] if args.quick else list(CPPO_SIDES) if model == "tiny" else [RATIO_SIDE, "cppo_rl_one_machine"]
         )
         sides = {side: CPPO_SIDES[side] for side in names}
-        rows[model] = compare(model, size, sides, venv["python"], timeout)
+        rows[model] = {**compare(model, size, sides, venv["python"], timeout), "date": date_now()}
         if "error" in rows[model]:
             print(f"\nTRL side did not run on {model}:\n{rows[model]['error']}")
     ratios = {model: row.get("ratios", {}).get(RATIO_SIDE) for model, row in rows.items()}
     goals = {"tiny": 1.2, "25m": 2.0}
     met = all(ratios.get(model) is not None and ratios[model] >= goals[model] for model in rows)
-    path = write_result(name, ratio=ratios["tiny"], goal=goal, met=met, ratios=ratios, rows=rows, trl_venv=venv)
+    path = write_result(name, ratio=ratios.get("tiny"), goal=goal, met=met, ratios=ratios, rows=rows, trl_venv=venv)
     print(f"\nwrote {path}")
 
 
