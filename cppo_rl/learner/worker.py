@@ -9,8 +9,8 @@ One `train_on_batch(batch)`: the batch (N responses, prompt groups adjacent) is 
 mini-batch and runs it in micro-batches of `micro_batch_size` responses (or, with
 `max_tokens_per_micro_batch`, rows balanced across ranks by tokens in micro-batches of that token budget:
 `micro_batches.py`), then the optimizer steps once per mini-batch (`step.py`: log pi at mu's token
-sets without [B, T, V] logits, the policy loss from the registry with global normalisers, backward). Weight export for the sync and checkpoints:
-`weights.py`, `checkpoint.py`.
+sets without [B, T, V] logits, the policy loss from the registry with global normalisers, backward).
+Weight export for the sync and checkpoints: `weights.py`, `checkpoint.py`.
 """
 
 from __future__ import annotations
