@@ -124,7 +124,10 @@ class LearnerSettings:
     """The DeepSpeed learner ranks; the fields a rank uses reach `LearnerConfig` (its subclass)."""
 
     world_size: int = 1
-    micro_batch_size: int = 16  # responses per forward/backward on one rank
+    micro_batch_size: int = 16  # responses per forward/backward on one rank (when max_tokens_per_micro_batch is 0)
+    # > 0: micro-batches by this budget of padded prompt + response tokens per forward/backward, the mini-batch's
+    # rows balanced across ranks by tokens (cppo_rl/learner/micro_batches.py); at least rollout.max_model_len
+    max_tokens_per_micro_batch: int = 0
     lr: float = 5e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
@@ -460,6 +463,12 @@ def config_problems(config: TrainConfig) -> list[str]:
         problems.append(
             f"trainer.chunk_prompts={t.chunk_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}; "
             "a batch is made of whole chunks: use a divisor, or 0 (prompts_per_step / rollout.num_engines)"
+        )
+    if 0 < lrn.max_tokens_per_micro_batch < r.max_model_len:
+        problems.append(
+            f"learner.max_tokens_per_micro_batch={lrn.max_tokens_per_micro_batch} is below rollout.max_model_len="
+            f"{r.max_model_len}: a longest prompt + response would exceed the budget alone; raise it (or 0: "
+            "micro-batches of learner.micro_batch_size responses)"
         )
     if r.max_response_length >= r.max_model_len:
         problems.append(

@@ -24,7 +24,7 @@ shards from it, fetching only the chunks holding its rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +45,8 @@ class RolloutChunk:
     group_index:      int64 [n], the chunk-local prompt each response answers (0 .. num_prompts-1)
     policy_version:   version of the weights that generated the chunk
     num_prompts:      prompts in the chunk
+    prompt_lengths:   int64 [n], tokens of the prompt each response answers (the learner plans its
+                      micro-batches by prompt + response tokens without fetching the heavy part)
     """
 
     response_texts: list[str]
@@ -53,6 +55,7 @@ class RolloutChunk:
     group_index: torch.Tensor
     policy_version: int
     num_prompts: int
+    prompt_lengths: torch.Tensor
 
     @property
     def num_responses(self) -> int:
@@ -100,6 +103,7 @@ def split_batch(batch: RolloutBatch, num_prompts: int | None = None) -> tuple[Ro
         group_index=batch.group_index.clone(),
         policy_version=batch.policy_version,
         num_prompts=len(groups) if num_prompts is None else num_prompts,
+        prompt_lengths=torch.tensor([len(p) for p in batch.prompt_ids], dtype=torch.int64),
     )
     tensors = ChunkTensors(
         prompt_ids=prompts,
@@ -144,12 +148,14 @@ class RolloutSource:
 
     tensors:        one ref per chunk (ChunkTensors), in row order; nested here so Ray does not resolve them
     chunk_rows:     rows per chunk
-    response_lengths, group_index (global), finish_reason, rewards, advantages: per row, all N rows
+    response_lengths, prompt_lengths, group_index (global), finish_reason, rewards, advantages: per row,
+    all N rows
     """
 
     tensors: list[object]
     chunk_rows: list[int]
     response_lengths: torch.Tensor
+    prompt_lengths: torch.Tensor
     group_index: torch.Tensor
     finish_reason: list[str]
     policy_version: int
@@ -233,6 +239,7 @@ class RolloutRefs:
             tensors=self.tensor_refs,
             chunk_rows=[c.chunk.num_responses for c in self.chunks],
             response_lengths=self.response_lengths,
+            prompt_lengths=torch.cat([c.chunk.prompt_lengths for c in self.chunks]),
             group_index=self.group_index,
             finish_reason=self.finish_reason,
             policy_version=self.policy_version,
@@ -243,50 +250,50 @@ class RolloutRefs:
 
 def gather_rows(
     source: RolloutSource,
-    start: int,
-    stop: int,
+    rows: Sequence[int],
     get: Callable[[list[object]], list[ChunkTensors]],
     cache: dict[int, ChunkTensors] | None = None,
 ) -> RolloutBatch:
-    """Rows start..stop-1 of the batch `source` describes, as `RolloutBatch.select(range(start, stop))` of
-    the whole batch would give them (trimmed to their longest response; no texts). Only the chunks
-    holding these rows are fetched with `get` (a list of refs -> their ChunkTensors), each once per `cache`."""
+    """The rows `rows` (global indices, in that order) of the batch `source` describes, as
+    `RolloutBatch.select(rows)` of the whole batch would give them (trimmed to their longest response; no
+    texts). Only the chunks holding these rows are fetched with `get` (a list of refs -> their ChunkTensors),
+    each once per `cache`."""
     cache = {} if cache is None else cache
-    lengths = source.response_lengths[start:stop]
-    n = stop - start
+    index = np.asarray(list(rows), dtype=np.int64)
+    picked = torch.from_numpy(index)
+    lengths = source.response_lengths[picked]
+    n = len(index)
     width = int(lengths.max()) if n else 0
-    slots = None
-    offsets = np.cumsum([0, *source.chunk_rows]).tolist()
-    needed = [i for i in range(len(source.chunk_rows)) if offsets[i] < stop and offsets[i + 1] > start]
+    offsets = np.cumsum([0, *source.chunk_rows])
+    chunk_of = np.searchsorted(offsets, index, side="right") - 1  # the chunk holding each row
+    needed = sorted(set(chunk_of.tolist()))
     missing = [i for i in needed if i not in cache]
     if missing:
         cache.update(zip(missing, get([source.tensors[i] for i in missing]), strict=True))
-    if needed:
-        slots = cache[needed[0]].topk_ids.shape[-1]
-    slots = slots or 1
+    slots = cache[needed[0]].topk_ids.shape[-1] if needed else 1
     response_ids = np.zeros((n, width), dtype=np.int64)
     rollout_logprobs = np.zeros((n, width), dtype=np.float32)
     topk_ids = np.full((n, width, slots), PAD_TOKEN_SLOT, dtype=np.int64)
     topk_logprobs = np.full((n, width, slots), -np.inf, dtype=np.float32)
-    prompt_ids: list[list[int]] = []
+    prompt_ids: list[list[int]] = [[] for _ in range(n)]
     for i in needed:
         part = cache[i]
         if part.topk_ids.shape[-1] != slots:
             raise ValueError("gather_rows: chunks have different numbers of token-set slots (top-K)")
-        lo, hi = max(start, offsets[i]), min(stop, offsets[i + 1])  # global rows taken from chunk i
-        rows = slice(lo - offsets[i], hi - offsets[i])
-        out = slice(lo - start, hi - start)
+        out = np.nonzero(chunk_of == i)[0]  # positions in the result
+        local = index[out] - offsets[i]  # rows of chunk i
         w = min(width, part.response_ids.shape[1])
-        response_ids[out, :w] = part.response_ids[rows, :w]
-        rollout_logprobs[out, :w] = part.rollout_logprobs[rows, :w]
-        topk_ids[out, :w] = part.topk_ids[rows, :w]
-        topk_logprobs[out, :w] = part.topk_logprobs[rows, :w]
-        prompt_ids += [list(part.prompt_ids[p]) for p in part.prompt_index[rows].tolist()]
+        response_ids[out, :w] = part.response_ids[local, :w]
+        rollout_logprobs[out, :w] = part.rollout_logprobs[local, :w]
+        topk_ids[out, :w] = part.topk_ids[local, :w]
+        topk_logprobs[out, :w] = part.topk_logprobs[local, :w]
+        for position, prompt in zip(out.tolist(), part.prompt_index[local].tolist(), strict=True):
+            prompt_ids[position] = list(part.prompt_ids[prompt])
 
     def rows_of(tensor: torch.Tensor | None) -> torch.Tensor | None:
         if tensor is None:
             return None
-        chosen = tensor[start:stop].clone()
+        chosen = tensor[picked].clone()
         return chosen[:, :width] if chosen.dim() >= 2 else chosen
 
     return RolloutBatch(
@@ -296,8 +303,8 @@ def gather_rows(
         rollout_logprobs=torch.from_numpy(rollout_logprobs),
         topk_ids=torch.from_numpy(topk_ids),
         topk_logprobs=torch.from_numpy(topk_logprobs),
-        group_index=source.group_index[start:stop].clone(),
-        finish_reason=source.finish_reason[start:stop],
+        group_index=source.group_index[picked].clone(),
+        finish_reason=[source.finish_reason[r] for r in index.tolist()],
         policy_version=source.policy_version,
         rewards=rows_of(source.rewards),
         advantages=rows_of(source.advantages),

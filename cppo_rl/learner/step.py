@@ -18,15 +18,18 @@ import torch
 from cppo_rl.algorithms import LossNormaliser, PolicyLossInputs
 from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
+from cppo_rl.learner.micro_batches import Batching
 
 
 @dataclass
 class Shard:
-    """One rank's part of one mini-batch, and the mini-batch's global counts."""
+    """One rank's part of one mini-batch, its micro-batches, and the mini-batch's global counts."""
 
     batch: RolloutBatch
     normaliser: LossNormaliser
     first: bool  # the batch's first mini-batch (the weights still equal the rollout's)
+    micro_batches: list[list[int]]  # rows of `batch` per micro-step, in order
+    micro_steps_total: int  # the mini-batch's micro-steps over all ranks
     anchor: tuple[torch.Tensor, torch.Tensor] | None = field(default=None)
 
 
@@ -39,17 +42,20 @@ def minibatch_normaliser(lengths: torch.Tensor, horizon) -> LossNormaliser:
     return LossNormaliser(num_tokens=int(lengths.sum()), num_sequences=int((lengths > 0).sum()), horizon=width)
 
 
-def split_shards(batch: RolloutBatch, updates: int, rank: int, world_size: int, horizon) -> list[Shard]:
-    """`updates` contiguous mini-batches of `batch`, each cut into `world_size` contiguous shares; this
-    rank's share of each. `horizon`: the loss config's (an int, or None for the mini-batch's padded width)."""
+def split_shards(
+    batch: RolloutBatch, updates: int, rank: int, world_size: int, horizon, batching: Batching
+) -> list[Shard]:
+    """`updates` contiguous mini-batches of `batch`, each shared over `world_size` ranks by `batching`
+    (cppo_rl/learner/micro_batches.py); this rank's shard of each. `horizon`: the loss config's (an int, or
+    None for the mini-batch's padded width)."""
     size = batch.num_responses // updates
-    share = size // world_size
     shards = []
     for update in range(updates):
         minibatch = batch.select(range(update * size, (update + 1) * size))
         normaliser = minibatch_normaliser(minibatch.response_lengths, horizon)
-        mine = minibatch.select(range(rank * share, (rank + 1) * share))
-        shards.append(Shard(batch=mine, normaliser=normaliser, first=update == 0))
+        tokens = (minibatch.response_lengths + torch.tensor([len(p) for p in minibatch.prompt_ids])).tolist()
+        rows, micro_batches, total = batching.rank_plan(tokens, rank, world_size)
+        shards.append(Shard(minibatch.select(rows), normaliser, update == 0, micro_batches, total))
     return shards
 
 
@@ -112,7 +118,7 @@ def batch_logprobs(engine, batch: RolloutBatch, micro_batch_size: int, temperatu
 @dataclass(frozen=True)
 class StepContext:
     """What a micro-step needs besides its data: the DeepSpeed engine, the loss and its config, the rank
-    count, the rollout temperature and the router's aux-loss weight over the mini-batch's micro-steps."""
+    count, the rollout temperature and the router's aux-loss weight."""
 
     engine: object
     loss_fn: object
@@ -120,7 +126,6 @@ class StepContext:
     world_size: int
     temperature: float
     router_aux_coef: float
-    micro_steps_total: int  # micro-batches per mini-batch, over all ranks
 
 
 def micro_step(
@@ -145,7 +150,7 @@ def micro_step(
     output = context.loss_fn(inputs, context.loss_config, shard.normaliser)
     loss, router = output.loss, engine.module.router
     if router is not None and context.router_aux_coef:  # the mini-batch's mean aux loss, over micro-steps
-        loss = loss + context.router_aux_coef * router.aux_loss / context.micro_steps_total
+        loss = loss + context.router_aux_coef * router.aux_loss / shard.micro_steps_total
     engine.backward(loss * context.world_size, scale_wrt_gas=False)
     engine.step()
     tokens = valid.sum().float()
@@ -159,7 +164,7 @@ def micro_step(
     metrics["entropy"] = torch.stack([entropy.sum(), tokens])
     # summed over micro-batches and ranks, then divided by the update count: the mean mini-batch loss
     metrics["loss"] = torch.stack(
-        [output.loss.detach().float(), torch.full_like(tokens, 1.0 / context.micro_steps_total)]
+        [output.loss.detach().float(), torch.full_like(tokens, 1.0 / shard.micro_steps_total)]
     )
     if shard.first:
         gap = (logprobs[..., 0].detach() - on_device.rollout_logprobs).abs()[valid].sum()

@@ -6,10 +6,11 @@ torch.distributed group (`distributed.py`: gloo on CPU, nccl on GPU) and wrap th
 
 One `train_on_batch(batch)`: the batch (N responses, prompt groups adjacent) is cut into
 `updates_per_rollout` contiguous mini-batches; each rank takes a contiguous 1/world share of a
-mini-batch and runs it in micro-batches of `micro_batch_size` responses, then the optimizer steps
-once per mini-batch (`step.py`: log pi at mu's token sets without [B, T, V] logits, the policy loss
-from the registry with global normalisers, backward). Weight export for the sync and checkpoints:
-`weights.py`, `checkpoint.py`.
+mini-batch and runs it in micro-batches of `micro_batch_size` responses (or, with
+`max_tokens_per_micro_batch`, rows balanced across ranks by tokens in micro-batches of that token budget:
+`micro_batches.py`), then the optimizer steps once per mini-batch (`step.py`: log pi at mu's token
+sets without [B, T, V] logits, the policy loss from the registry with global normalisers, backward).
+Weight export for the sync and checkpoints: `weights.py`, `checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cppo_rl.learner import distributed, step, weights
 from cppo_rl.learner.checkpoint import ROLLOUTS_DIR, finalize, staging_dir
 from cppo_rl.learner.ds_config import deepspeed_config
 from cppo_rl.learner.logprobs import LogprobPolicy
+from cppo_rl.learner.micro_batches import Batching
 from cppo_rl.learner.moe import mark_leaf_modules
 from cppo_rl.remote import get_all
 from cppo_rl.sync.buckets import BucketPlan
@@ -64,8 +66,15 @@ class LearnerConfig(LearnerSettings):
     betas: tuple[float, float] = (0.9, 0.999)
     seed: int = TrainerConfig.seed
 
+    @property
+    def batching(self) -> Batching:
+        """How a rank cuts its share of a mini-batch into micro-batches (cppo_rl/learner/micro_batches.py)."""
+        return Batching(self.micro_batch_size, self.max_tokens_per_micro_batch)
+
     def micro_steps(self, world_size: int) -> int:
-        """Micro-batches per rank per mini-batch; raises naming the user's keys whose sizes do not divide."""
+        """Micro-batches per rank per mini-batch (DeepSpeed's gradient accumulation steps; 1 with a token budget,
+        whose plans vary: the learner marks each mini-batch's last micro-step itself); raises naming the
+        user's keys whose sizes do not divide."""
         caller = "LearnerConfig"
         minibatch, remainder = divmod(self.responses_per_step, self.updates_per_rollout)
         if remainder or minibatch == 0:
@@ -79,6 +88,8 @@ class LearnerConfig(LearnerSettings):
                 f"{caller}: a mini-batch of {minibatch} responses (trainer.minibatch_prompts x "
                 f"trainer.samples_per_prompt) does not split over learner.world_size={world_size} ranks"
             )
+        if self.max_tokens_per_micro_batch:
+            return 1
         steps, remainder = divmod(share, self.micro_batch_size)
         if remainder or steps == 0:
             raise ValueError(
@@ -106,6 +117,7 @@ class LearnerConfig(LearnerSettings):
             "responses_per_step": (1, self.responses_per_step),
             "updates_per_rollout": (1, self.updates_per_rollout),
             "micro_batch_size": (1, self.micro_batch_size),
+            "max_tokens_per_micro_batch": (0, self.max_tokens_per_micro_batch),
             "total_steps": (1, self.total_steps),
             "logprob_chunk_size": (1, self.logprob_chunk_size),
             "grad_clip": (0, self.grad_clip),
@@ -152,9 +164,7 @@ class LearnerWorker:
 
         dtype = distributed.dtype_for(config.dtype, on_gpu)
         torch.manual_seed(config.seed)
-        micro_steps = config.micro_steps(self.world_size)
-        self._micro_steps_total = micro_steps * self.world_size
-        ds_config = deepspeed_config(config, micro_steps, dtype)
+        ds_config = deepspeed_config(config, config.micro_steps(self.world_size), dtype)
         keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained partition the weights (ZeRO-3 init)
         attention = distributed.attn_implementation_for(config.attn_implementation, on_gpu)
         model = AutoModelForCausalLM.from_pretrained(
@@ -187,7 +197,6 @@ class LearnerWorker:
             world_size=self.world_size,
             temperature=config.temperature,
             router_aux_coef=self.router_aux_coef,
-            micro_steps_total=self._micro_steps_total,
         )
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -217,8 +226,9 @@ class LearnerWorker:
         """
         started = time.perf_counter()
         self._check_batch("train_on_batch", batch.num_responses, batch.advantages)
+        config = self.config
         shards = step.split_shards(
-            batch, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
+            batch, config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon, config.batching
         )
         return {**self.train_on_shards(shards), "busy_s": time.perf_counter() - started}
 
@@ -239,8 +249,9 @@ class LearnerWorker:
 
         started = time.perf_counter()
         self._check_batch("train_on_refs", source.num_responses, source.advantages)
+        config = self.config
         shards = shards_from_source(
-            source, self.config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon
+            source, config.updates_per_rollout, self.rank, self.world_size, self.loss_config.horizon, config.batching
         )
         return {**self.train_on_shards(shards), "busy_s": time.perf_counter() - started}
 
@@ -253,15 +264,18 @@ class LearnerWorker:
         device = self.engine.device  # metrics stay there until the one all-reduce (NCCL has no CPU backend)
         totals: dict[str, torch.Tensor] = {}
         skipped_before = self.engine.skipped_steps
+        planned = self.config.max_tokens_per_micro_batch > 0
         for shard in shards:
-            for start in range(0, shard.batch.num_responses, self.config.micro_batch_size):
-                micro = shard.batch.select(range(start, start + self.config.micro_batch_size))
+            last = len(shard.micro_batches) - 1
+            for index, rows in enumerate(shard.micro_batches):
+                micro = shard.batch.select(rows)
                 anchor = None
                 if shard.anchor is not None:
-                    anchor = tuple(
-                        a[start : start + self.config.micro_batch_size, : micro.response_ids.shape[1]]
-                        for a in shard.anchor
-                    )
+                    picked = torch.tensor(rows, device=shard.anchor[0].device)
+                    anchor = tuple(a[picked, : micro.response_ids.shape[1]] for a in shard.anchor)
+                if planned:  # the plan's micro-step count varies: mark the update's last one (DeepSpeed's
+                    # DeepSpeedEngine.set_gradient_accumulation_boundary, runtime/engine.py, 0.19.8)
+                    self.engine.set_gradient_accumulation_boundary(index == last)
                 metrics = step.micro_step(self.step_context, micro, shard, anchor)
                 for name, value in metrics.items():
                     totals[name] = totals[name] + value if name in totals else value

@@ -282,6 +282,7 @@ def _to_batch(
         group_index=group_index,
         policy_version=policy_version,
         num_prompts=len(prompt_ids),
+        prompt_lengths=torch.tensor([len(prompt_ids[g]) for g in group_index.tolist()], dtype=torch.int64),
     )
     tensors = ChunkTensors(
         prompt_ids=prompt_ids,

@@ -38,6 +38,7 @@ def _learner(
     checkpointing=False,
     anchor="rollout",
     zero_stage=3,
+    max_tokens=0,
     **algo,
 ):
     from cppo_rl.algorithms import default_config
@@ -55,6 +56,7 @@ def _learner(
         gradient_checkpointing=checkpointing,
         anchor=anchor,
         zero_stage=zero_stage,
+        max_tokens_per_micro_batch=max_tokens,
     )
     return LearnerGroup(config, loss, default_config(loss, **algo), world_size, num_cpus_per_rank=0.5)
 
@@ -112,20 +114,29 @@ def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids
 def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_anchor(
     rollout_workers, chat_prompt_ids, tiny_model_dir
 ):
+    from cppo_rl.learner.micro_batches import plan_minibatch
+
     batch = _rollout(rollout_workers, chat_prompt_ids, seed=7)
+    tokens = (batch.response_lengths + torch.tensor([len(p) for p in batch.prompt_ids])).tolist()
+    plan = plan_minibatch(tokens[:8], 2, 100)  # the first mini-batch's plan at a budget of 100 tokens
+    assert sorted(row for batch in plan[0] for row in batch) != [0, 1, 2, 3]  # rank 0's rows: balanced, not a slice
     updates = []
     # the last case recomputes the trust-region anchor on the learner: on the rollout's own weights it
     # equals mu, so the update must not change either
-    # and the last but one keeps full parameters on both ranks (ZeRO stage 0 instead of 3)
+    # and the last but one keeps full parameters on both ranks (ZeRO stage 0 instead of 3); the cases with a
+    # token budget (last column) balance the rows over the ranks by tokens and cut micro-batches of uneven
+    # sizes and counts (cppo_rl/learner/micro_batches.py), with their recompute anchor too
     cases = (
-        (1, 8, False, "rollout", 3),
-        (2, 4, False, "rollout", 3),
-        (2, 1, False, "rollout", 3),
-        (1, 4, True, "rollout", 3),
-        (2, 4, False, "rollout", 0),
-        (2, 4, False, "recompute", 3),
+        (1, 8, False, "rollout", 3, 0),
+        (2, 4, False, "rollout", 3, 0),
+        (2, 1, False, "rollout", 3, 0),
+        (1, 4, True, "rollout", 3, 0),
+        (2, 4, False, "rollout", 0, 0),
+        (2, 4, False, "recompute", 3, 0),
+        (2, 4, False, "rollout", 3, 100),
+        (2, 4, False, "recompute", 3, 160),
     )
-    for world_size, micro, checkpointing, anchor, zero_stage in cases:
+    for world_size, micro, checkpointing, anchor, zero_stage, max_tokens in cases:
         learner = _learner(
             tiny_model_dir,
             world_size,
@@ -136,6 +147,7 @@ def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_ancho
             checkpointing=checkpointing,
             anchor=anchor,
             zero_stage=zero_stage,
+            max_tokens=max_tokens,
         )
         try:
             before = _flat(learner.gather_weights())

@@ -93,6 +93,7 @@ class Sim:
             group_index=torch.arange(len(prompt_ids)).repeat_interleave(SAMPLES),
             policy_version=self.version,
             num_prompts=len(prompt_ids),
+            prompt_lengths=torch.ones(len(texts), dtype=torch.int64),
         )
         ref = Ref(self.clock + duration, chunk, lost=self.calls in self.lose)
         self.busy[engine] = ref

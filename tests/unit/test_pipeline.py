@@ -80,6 +80,7 @@ class FakeRoles:
             group_index=torch.arange(len(pending.prompt_ids)).repeat_interleave(SAMPLES),
             policy_version=pending.version,
             num_prompts=len(pending.prompt_ids),
+            prompt_lengths=torch.ones(len(texts), dtype=torch.int64),
         )
         if on_chunk is not None:
             on_chunk(0, chunk)

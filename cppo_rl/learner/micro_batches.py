@@ -1,0 +1,101 @@
+"""Micro-batches by a token budget, and mini-batches balanced across data-parallel ranks by tokens.
+
+With `learner.max_tokens_per_micro_batch` = B > 0 the learner does not cut a rank's share of a mini-batch into
+micro-batches of `micro_batch_size` responses (each padded to its longest member) but plans them from the
+rows' token counts (prompt + response), which every rank knows for the whole batch without communication:
+
+1. `balance_ranks`: the mini-batch's rows are dealt to the ranks longest first, each to the rank with the
+   fewest tokens so far among those with room (every rank takes the same number of rows), so no rank holds
+   the others at ZeRO-3's collectives with all the long responses.
+2. `budget_micro_batches`: a rank's rows, longest first, fill micro-batches while rows x longest row <= B
+   (the padded tokens a forward computes); a row longer than B gets a micro-batch alone.
+3. `plan_minibatch`: ZeRO-3 gathers parameters in every forward and backward, so every rank must run the
+   same number of micro-steps: a rank with fewer splits its largest micro-batch until the counts agree.
+
+Normalisation is unchanged (cppo_rl/learner/step.py): the loss of each micro-batch is its sum over the
+mini-batch's global counts, so any plan gives the same update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def balance_ranks(tokens: Sequence[int], world_size: int) -> list[list[int]]:
+    """Row indices per rank (ascending): rows dealt longest first to the rank with the fewest tokens so far
+    among those with fewer than len(tokens) / world_size rows (ties: the lower rank, the lower row)."""
+    share, remainder = divmod(len(tokens), world_size)
+    if remainder:
+        raise ValueError(f"balance_ranks: {len(tokens)} rows do not split over {world_size} ranks")
+    loads, ranks = [0] * world_size, [[] for _ in range(world_size)]
+    for row in sorted(range(len(tokens)), key=lambda r: (-tokens[r], r)):
+        rank = min((r for r in range(world_size) if len(ranks[r]) < share), key=lambda r: (loads[r], r))
+        ranks[rank].append(row)
+        loads[rank] += tokens[row]
+    return [sorted(rows) for rows in ranks]
+
+
+def padded_tokens(rows: Sequence[int], tokens: Sequence[int]) -> int:
+    """Tokens a forward of `rows` computes: rows x the longest row."""
+    return len(rows) * max((tokens[r] for r in rows), default=0)
+
+
+def budget_micro_batches(rows: Sequence[int], tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """`rows` cut into micro-batches of at most `max_tokens` padded tokens (a longer row alone), longest rows
+    first; each micro-batch's rows ascending."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for row in sorted(rows, key=lambda r: (-tokens[r], r)):
+        if current and padded_tokens([*current, row], tokens) > max_tokens:
+            batches.append(sorted(current))
+            current = []
+        current.append(row)
+    if current:
+        batches.append(sorted(current))
+    return batches
+
+
+def _split_largest(batches: list[list[int]], tokens: Sequence[int]) -> None:
+    """Split the micro-batch with the most padded tokens (of those with two rows or more) into its longer and
+    shorter halves, in place."""
+    candidates = [i for i, b in enumerate(batches) if len(b) > 1]
+    index = max(candidates, key=lambda i: (padded_tokens(batches[i], tokens), -i))
+    ordered = sorted(batches[index], key=lambda r: (-tokens[r], r))
+    half = len(ordered) // 2
+    batches[index : index + 1] = [sorted(ordered[:half]), sorted(ordered[half:])]
+
+
+def plan_minibatch(tokens: Sequence[int], world_size: int, max_tokens: int) -> list[list[list[int]]]:
+    """The micro-batches (row indices of the mini-batch) of every rank: balanced ranks, token-budget
+    micro-batches, the same count on every rank (module docstring). `tokens`: each row's prompt + response
+    tokens."""
+    plan = [budget_micro_batches(rows, tokens, max_tokens) for rows in balance_ranks(tokens, world_size)]
+    steps = max(len(batches) for batches in plan)
+    for batches in plan:
+        while len(batches) < steps:  # a rank holds >= steps rows (each micro-batch of the longest plan has one)
+            _split_largest(batches, tokens)
+    return plan
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a rank cuts its share of a mini-batch: `max_tokens` > 0, by that token budget over balanced ranks
+    (`plan_minibatch`); 0, into contiguous micro-batches of `micro_batch_size` responses of a contiguous
+    1/world share."""
+
+    micro_batch_size: int
+    max_tokens: int = 0
+
+    def rank_plan(self, tokens: Sequence[int], rank: int, world_size: int) -> tuple[list[int], list[list[int]], int]:
+        """For a mini-batch whose rows have `tokens` (prompt + response): the rows this rank trains (ascending),
+        its micro-batches as positions in those rows, and the mini-batch's micro-steps over all ranks."""
+        if self.max_tokens:
+            batches = plan_minibatch(tokens, world_size, self.max_tokens)[rank]
+            mine = sorted(row for batch in batches for row in batch)
+            position = {row: i for i, row in enumerate(mine)}
+            return mine, [[position[row] for row in batch] for batch in batches], len(batches) * world_size
+        share = len(tokens) // world_size
+        size = self.micro_batch_size
+        micro = [list(range(start, min(start + size, share))) for start in range(0, share, size)]
+        return list(range(rank * share, (rank + 1) * share)), micro, len(micro) * world_size
