@@ -18,6 +18,7 @@ BENCHMARKS = (
     "trl_compare",
     "driver_bytes",
     "async_pipeline",
+    "long_horizon",
 )
 
 
