@@ -128,6 +128,10 @@ class LearnerSettings:
     # > 0: micro-batches by this budget of padded prompt + response tokens per forward/backward, the mini-batch's
     # rows balanced across ranks by tokens (cppo_rl/learner/micro_batches.py); at least rollout.max_model_len
     max_tokens_per_micro_batch: int = 0
+    # pack several sequences into each forward row (positions restarting per sequence, attention kept inside
+    # each): no padding but the rows' tails (cppo_rl/learner/step.py model_inputs); with a token budget, the
+    # budget counts packed rows
+    pack_sequences: bool = False
     lr: float = 5e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off

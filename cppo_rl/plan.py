@@ -250,16 +250,19 @@ def learner_memory(
     chunk_size: int,
     param_bytes: int = BF16,
     zero_stage: int = 3,
+    max_tokens_per_micro_batch: int = 0,
 ) -> dict[str, int]:
     """Bytes per GPU of one learner rank (bf16 params, AdamW), by line; see LEARNER_LINES. Every micro-batch
-    is taken at the full `seq_len` (prompt + response); the lines are summed, an upper bound on the peak.
+    is taken at the full `seq_len` (prompt + response), or, with a token budget
+    (`learner.max_tokens_per_micro_batch`), at that many tokens, the most one forward computes (the learner
+    plans its micro-batches so); the lines are summed, an upper bound on the peak.
     ZeRO stage 3 shards parameters, gradients and optimizer state over the ranks; stage 2 gradients and
     optimizer state; stage 1 the optimizer state; stage 0 nothing."""
     params = shape.num_parameters()
     shard = math.ceil(params / world_size)
     sharded = {"params": zero_stage >= 3, "grads": zero_stage >= 2, "optimizer": zero_stage >= 1}
     per_rank = {name: shard if on else params for name, on in sharded.items()}
-    tokens = micro_batch_size * seq_len
+    tokens = max_tokens_per_micro_batch or micro_batch_size * seq_len
     vocab_block = shape.vocab_size * shape.hidden_size
     if gradient_checkpointing:
         activations = shape.num_layers * BF16 * tokens * shape.hidden_size + layer_activation_bytes(shape, tokens)
@@ -381,6 +384,7 @@ class Plan:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     sync_bucket_mb: int = DEFAULT_SYNC_BUCKET_MB
+    max_tokens_per_micro_batch: int = 0
 
     @property
     def feasible(self) -> bool:
@@ -397,7 +401,13 @@ class Plan:
             "placement:",
             *_placement_lines(self.placement),
             "",
-            f"learner rank x{lay.learner_ranks} (micro-batch {self.micro_batch_size}, "
+            f"learner rank x{lay.learner_ranks} ("
+            + (
+                f"token budget {self.max_tokens_per_micro_batch}"
+                if self.max_tokens_per_micro_batch
+                else f"micro-batch {self.micro_batch_size}"
+            )
+            + ", "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}), per GPU:",
             *(f"  {LEARNER_LINES[key]:<42}{_gib(value):>9}" for key, value in self.learner.items()),
             _total_line(sum(self.learner.values()), lay.gpu_memory_gib * GIB),
@@ -465,10 +475,12 @@ def plan(
     gpu_memory_utilization: float = 0.9,
     zero_stage: int = 3,
     sync_bucket_mb: int = DEFAULT_SYNC_BUCKET_MB,
+    max_tokens_per_micro_batch: int = 0,
 ) -> Plan:
     """Place and size a run. `seq_len`: prompt + response tokens (rollout.max_model_len); `concurrency`:
     sequences in flight per engine (responses per step / engines, at most vLLM's max_num_seqs);
-    `sync_bucket_mb`: learner.sync_bucket_mb."""
+    `sync_bucket_mb`: learner.sync_bucket_mb; `max_tokens_per_micro_batch`: the learner's token budget (0:
+    micro-batches of `micro_batch_size` responses)."""
     problems: list[str] = []
     if not 0 < gpu_memory_utilization <= 1:
         problems.append(
@@ -494,6 +506,7 @@ def plan(
         gradient_checkpointing,
         logprob_chunk_size,
         zero_stage=zero_stage,
+        max_tokens_per_micro_batch=max_tokens_per_micro_batch,
     )
     rollout = rollout_memory(
         shape,
@@ -507,6 +520,7 @@ def plan(
     result = Plan(
         shape, layout, micro_batch_size, seq_len, gradient_checkpointing, gpu_memory_utilization,
         learner, rollout, placement, problems, sync_bucket_mb=sync_bucket_mb,
+        max_tokens_per_micro_batch=max_tokens_per_micro_batch,
     )  # fmt: skip
     _check_learner(result)
     _check_rollout(result)
@@ -533,7 +547,9 @@ def _check_learner(p: Plan) -> None:
         )
     if not p.gradient_checkpointing:
         knobs.append("set learner.gradient_checkpointing=true")
-    if p.micro_batch_size > 1:
+    if p.max_tokens_per_micro_batch > p.seq_len:
+        knobs.append(f"lower learner.max_tokens_per_micro_batch (to rollout.max_model_len={p.seq_len} at least)")
+    elif not p.max_tokens_per_micro_batch and p.micro_batch_size > 1:
         knobs.append("lower learner.micro_batch_size")
     if not knobs:
         knobs.append("lower rollout.max_model_len or learner.logprob_chunk_size")
@@ -609,6 +625,7 @@ def plan_config(config: object) -> Plan:
         zero_stage=lrn.zero_stage,
         gpu_memory_utilization=r.gpu_memory_utilization,
         sync_bucket_mb=lrn.sync_bucket_mb,
+        max_tokens_per_micro_batch=lrn.max_tokens_per_micro_batch,
     )
 
 

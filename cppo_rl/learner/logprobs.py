@@ -160,17 +160,33 @@ class LogprobPolicy(torch.nn.Module):
         token_ids: torch.Tensor,
         temperature: float,
         return_entropy: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """float32 [N, S] logprobs of `token_ids` [N, S] predicted from `hidden[rows, positions]` ([N] each),
         and with `return_entropy` the float32 [N] entropy of each of those positions.
 
-        input_ids, attention_mask: int64 [B, L], right-padded sequences (prompt + response).
+        input_ids, attention_mask: int64 [B, L], right-padded sequences (prompt + response), one per row; or,
+        with `position_ids` (int64 [B, L], restarting at 0 where each sequence starts), several sequences
+        packed per row: the model then gets no attention mask, so transformers' masking
+        (`masking_utils.find_packed_sequence_indices`, 5.19) keeps attention inside each sequence, and
+        `attention_mask` marks the real tokens for the MoE router's statistics only. No KV cache is built
+        (`use_cache=False`: a training forward; transformers skips the packed-sequence detection when a
+        cache exists).
         """
+        mask = None if position_ids is not None else attention_mask
         if not self.is_moe:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
             return self.lm_head(hidden[rows, positions], token_ids, temperature, return_entropy)
         from cppo_rl.learner.moe import router_stats
 
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            output_router_logits=True,
+            use_cache=False,
+        )
         self.router = router_stats(self.model_module, output.router_logits, attention_mask, self.config)
         return self.lm_head(output.last_hidden_state[rows, positions], token_ids, temperature, return_entropy)

@@ -8,7 +8,9 @@ rows' token counts (prompt + response), which every rank knows for the whole bat
    fewest tokens so far among those with room (every rank takes the same number of rows), so no rank holds
    the others at ZeRO-3's collectives with all the long responses.
 2. `budget_micro_batches`: a rank's rows, longest first, fill micro-batches while rows x longest row <= B
-   (the padded tokens a forward computes); a row longer than B gets a micro-batch alone.
+   (the padded tokens a forward computes); a row longer than B gets a micro-batch alone. With
+   `learner.pack_sequences` the forward packs several sequences per row (`pack_rows`, first-fit decreasing
+   into rows of the longest one's length) and the budget counts those packed rows.
 3. `plan_minibatch`: ZeRO-3 gathers parameters in every forward and backward, so every rank must run the
    same number of micro-steps: a rank with fewer splits its largest micro-batch until the counts agree.
 
@@ -36,45 +38,83 @@ def balance_ranks(tokens: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(rows) for rows in ranks]
 
 
-def padded_tokens(rows: Sequence[int], tokens: Sequence[int]) -> int:
-    """Tokens a forward of `rows` computes: rows x the longest row."""
-    return len(rows) * max((tokens[r] for r in rows), default=0)
+def pack_rows(totals: Sequence[int]) -> list[list[int]]:
+    """Sequences of `totals` tokens packed first-fit decreasing into forward rows as long as the longest one
+    (ties: the lower index first): each row's sequences, in placement order."""
+    capacity = max(totals, default=0)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for sequence in sorted(range(len(totals)), key=lambda i: (-totals[i], i)):
+        row = next((r for r, room in enumerate(free) if totals[sequence] <= room), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(sequence)
+        free[row] -= totals[sequence]
+    return rows
 
 
-def budget_micro_batches(rows: Sequence[int], tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """`rows` cut into micro-batches of at most `max_tokens` padded tokens (a longer row alone), longest rows
-    first; each micro-batch's rows ascending."""
+def padded_tokens(rows: Sequence[int], tokens: Sequence[int], packed: bool = False) -> int:
+    """Tokens a forward of `rows` computes: forward rows x the longest row, with one row per sequence, or
+    packed (`pack_rows`)."""
+    lengths = [tokens[r] for r in rows]
+    return (len(pack_rows(lengths)) if packed else len(lengths)) * max(lengths, default=0)
+
+
+def budget_micro_batches(
+    rows: Sequence[int], tokens: Sequence[int], max_tokens: int, packed: bool = False
+) -> list[list[int]]:
+    """`rows` cut into micro-batches of at most `max_tokens` computed tokens (`padded_tokens`; a longer row
+    alone), longest rows first; each micro-batch's rows ascending. Packed, a micro-batch's forward rows are
+    first-fit bins of its longest row's length, grown row by row as `pack_rows` would place them."""
     batches: list[list[int]] = []
     current: list[int] = []
+    free: list[int] = []  # the current micro-batch's forward rows' room (packed)
     for row in sorted(rows, key=lambda r: (-tokens[r], r)):
-        if current and padded_tokens([*current, row], tokens) > max_tokens:
-            batches.append(sorted(current))
-            current = []
+        if current:
+            if packed:
+                fits = next((i for i, room in enumerate(free) if tokens[row] <= room), None)
+                cost = (len(free) + (fits is None)) * tokens[current[0]]
+            else:
+                cost = (len(current) + 1) * tokens[current[0]]
+            if cost > max_tokens:
+                batches.append(sorted(current))
+                current, free = [], []
+        if packed:
+            fits = next((i for i, room in enumerate(free) if tokens[row] <= room), None)
+            if fits is None:
+                free.append(tokens[current[0]] if current else tokens[row])
+                fits = len(free) - 1
+            free[fits] -= tokens[row]
         current.append(row)
     if current:
         batches.append(sorted(current))
     return batches
 
 
-def _split_largest(batches: list[list[int]], tokens: Sequence[int]) -> None:
-    """Split the micro-batch with the most padded tokens (of those with two rows or more) into its longer and
+def _split_largest(batches: list[list[int]], tokens: Sequence[int], packed: bool) -> None:
+    """Split the micro-batch with the most computed tokens (of those with two rows or more) into its longer and
     shorter halves, in place."""
     candidates = [i for i, b in enumerate(batches) if len(b) > 1]
-    index = max(candidates, key=lambda i: (padded_tokens(batches[i], tokens), -i))
+    index = max(candidates, key=lambda i: (padded_tokens(batches[i], tokens, packed), -i))
     ordered = sorted(batches[index], key=lambda r: (-tokens[r], r))
     half = len(ordered) // 2
     batches[index : index + 1] = [sorted(ordered[:half]), sorted(ordered[half:])]
 
 
-def plan_minibatch(tokens: Sequence[int], world_size: int, max_tokens: int) -> list[list[list[int]]]:
+def plan_minibatch(
+    tokens: Sequence[int], world_size: int, max_tokens: int, packed: bool = False
+) -> list[list[list[int]]]:
     """The micro-batches (row indices of the mini-batch) of every rank: balanced ranks, token-budget
-    micro-batches, the same count on every rank (module docstring). `tokens`: each row's prompt + response
-    tokens."""
-    plan = [budget_micro_batches(rows, tokens, max_tokens) for rows in balance_ranks(tokens, world_size)]
+    micro-batches (of packed forward rows when `packed`), the same count on every rank (module docstring).
+    `tokens`: each row's prompt + response tokens."""
+    shares = balance_ranks(tokens, world_size)
+    plan = [budget_micro_batches(rows, tokens, max_tokens, packed) for rows in shares]
     steps = max(len(batches) for batches in plan)
     for batches in plan:
         while len(batches) < steps:  # a rank holds >= steps rows (each micro-batch of the longest plan has one)
-            _split_largest(batches, tokens)
+            _split_largest(batches, tokens, packed)
     return plan
 
 
@@ -86,12 +126,13 @@ class Batching:
 
     micro_batch_size: int
     max_tokens: int = 0
+    packed: bool = False  # the forwards pack several sequences per row (the budget counts packed rows)
 
     def rank_plan(self, tokens: Sequence[int], rank: int, world_size: int) -> tuple[list[int], list[list[int]], int]:
         """For a mini-batch whose rows have `tokens` (prompt + response): the rows this rank trains (ascending),
         its micro-batches as positions in those rows, and the mini-batch's micro-steps over all ranks."""
         if self.max_tokens:
-            batches = plan_minibatch(tokens, world_size, self.max_tokens)[rank]
+            batches = plan_minibatch(tokens, world_size, self.max_tokens, self.packed)[rank]
             mine = sorted(row for batch in batches for row in batch)
             position = {row: i for i, row in enumerate(mine)}
             return mine, [[position[row] for row in batch] for batch in batches], len(batches) * world_size

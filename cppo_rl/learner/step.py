@@ -18,7 +18,7 @@ import torch
 from cppo_rl.algorithms import LossNormaliser, PolicyLossInputs
 from cppo_rl.algorithms.divergence import topk_tv
 from cppo_rl.batch import RolloutBatch
-from cppo_rl.learner.micro_batches import Batching
+from cppo_rl.learner.micro_batches import Batching, pack_rows
 
 
 @dataclass
@@ -70,31 +70,67 @@ def to_device(micro: RolloutBatch, device: torch.device) -> RolloutBatch:
     return moved
 
 
+def model_inputs(micro: RolloutBatch, pack: bool) -> dict[str, torch.Tensor]:
+    """The policy's inputs for `micro` (host tensors): int64 input_ids [R, L], attention_mask [R, L] (1 at real
+    tokens), position_ids [R, L] when packed, and for each valid response token (micro.response_mask's
+    nonzero order) the row and position of the hidden state that predicts it. Unpacked: one right-padded
+    sequence per row. Packed (`pack_rows`): several sequences per row, positions restarting at 0 at each
+    (trailing padding too), so attention never crosses a sequence."""
+    prompts = [len(p) for p in micro.prompt_ids]
+    lengths = micro.response_lengths.tolist()
+    totals = [p + r for p, r in zip(prompts, lengths, strict=True)]
+    layout = pack_rows(totals) if pack else [[i] for i in range(len(totals))]
+    width = max(totals)
+    input_ids = torch.zeros(len(layout), width, dtype=torch.int64)
+    attention = torch.zeros(len(layout), width, dtype=torch.int64)
+    position_ids = torch.zeros(len(layout), width, dtype=torch.int64)
+    row_of, start_of = torch.zeros(len(totals), dtype=torch.int64), torch.zeros(len(totals), dtype=torch.int64)
+    for row, sequences in enumerate(layout):
+        offset = 0
+        for i in sequences:
+            prompt, length = prompts[i], lengths[i]
+            input_ids[row, offset : offset + prompt] = torch.tensor(micro.prompt_ids[i])
+            input_ids[row, offset + prompt : offset + totals[i]] = micro.response_ids[i, :length]
+            attention[row, offset : offset + totals[i]] = 1
+            position_ids[row, offset : offset + totals[i]] = torch.arange(totals[i])
+            row_of[i], start_of[i] = row, offset
+            offset += totals[i]
+        position_ids[row, offset:] = torch.arange(width - offset)  # the padding: a sequence of its own
+    sequences, columns = micro.response_mask.nonzero(as_tuple=True)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "rows": row_of[sequences],
+        # the hidden state that predicts response token t: the one at its sequence's prompt end - 1 + t
+        "positions": start_of[sequences] + torch.tensor(prompts)[sequences] - 1 + columns,
+    }
+    if pack:
+        inputs["position_ids"] = position_ids
+    return inputs
+
+
 def set_logprobs(
-    engine, micro: RolloutBatch, temperature: float, return_entropy: bool = False, device_mask=None
+    engine, micro: RolloutBatch, temperature: float, return_entropy: bool = False, device_mask=None, pack=False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float32 [B, T, S] log pi at `micro.topk_ids` (slot 0: the sampled token), -inf at unused slots;
     with `return_entropy` also the float32 [valid tokens] entropy (nats) of pi at each valid response token.
     Both on the engine's device. `engine`: the DeepSpeed engine around a cppo_rl.learner.logprobs.LogprobPolicy;
     `micro`: host tensors (the inputs are built there and copied once); `device_mask`: `micro.response_mask`
-    already on the device, if the caller has it."""
+    already on the device, if the caller has it; `pack`: several sequences per forward row (`model_inputs`).
+    The result is per sequence either way, so every per-sequence quantity downstream (CPPO's prefix sums,
+    the loss's normalisers) sees one sequence per row."""
     device = engine.device
-    prompts = [len(p) for p in micro.prompt_ids]
-    lengths = micro.response_lengths.tolist()
-    width = max(p + r for p, r in zip(prompts, lengths, strict=True))
-    input_ids = torch.zeros(len(prompts), width, dtype=torch.int64)
-    attention = torch.zeros(len(prompts), width, dtype=torch.int64)
-    for row, (prompt, length) in enumerate(zip(prompts, lengths, strict=True)):
-        input_ids[row, :prompt] = torch.tensor(micro.prompt_ids[row])
-        input_ids[row, prompt : prompt + length] = micro.response_ids[row, :length]
-        attention[row, : prompt + length] = 1
     valid = micro.response_mask
-    rows, columns = valid.nonzero(as_tuple=True)
-    positions = torch.tensor(prompts)[rows] - 1 + columns  # the hidden state that predicts token t
+    inputs = {name: t.to(device, non_blocking=True) for name, t in model_inputs(micro, pack).items()}
     result = engine(
-        *(t.to(device, non_blocking=True) for t in (input_ids, attention, rows, positions, micro.topk_ids[valid])),
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["rows"],
+        inputs["positions"],
+        micro.topk_ids[valid].to(device, non_blocking=True),
         temperature,
         return_entropy=return_entropy,
+        position_ids=inputs.get("position_ids"),
     )
     logprobs, entropy = result if return_entropy else (result, None)
     out = torch.full(micro.topk_ids.shape, -float("inf"), dtype=torch.float32, device=device)
@@ -118,7 +154,7 @@ def batch_logprobs(engine, batch: RolloutBatch, micro_batch_size: int, temperatu
 @dataclass(frozen=True)
 class StepContext:
     """What a micro-step needs besides its data: the DeepSpeed engine, the loss and its config, the rank
-    count, the rollout temperature and the router's aux-loss weight."""
+    count, the rollout temperature, the router's aux-loss weight and whether sequences are packed."""
 
     engine: object
     loss_fn: object
@@ -126,6 +162,7 @@ class StepContext:
     world_size: int
     temperature: float
     router_aux_coef: float
+    pack_sequences: bool = False  # several sequences per forward row (`model_inputs`)
 
 
 def micro_step(
@@ -137,7 +174,9 @@ def micro_step(
     engine = context.engine
     on_device = to_device(micro, engine.device)
     valid = on_device.response_mask
-    logprobs, entropy = set_logprobs(engine, micro, context.temperature, return_entropy=True, device_mask=valid)
+    logprobs, entropy = set_logprobs(
+        engine, micro, context.temperature, return_entropy=True, device_mask=valid, pack=context.pack_sequences
+    )
     mu_sampled, mu_set = anchor if anchor is not None else (on_device.rollout_logprobs, on_device.topk_logprobs)
     inputs = PolicyLossInputs(
         logprobs=logprobs[..., 0],

@@ -69,7 +69,7 @@ class LearnerConfig(LearnerSettings):
     @property
     def batching(self) -> Batching:
         """How a rank cuts its share of a mini-batch into micro-batches (cppo_rl/learner/micro_batches.py)."""
-        return Batching(self.micro_batch_size, self.max_tokens_per_micro_batch)
+        return Batching(self.micro_batch_size, self.max_tokens_per_micro_batch, self.pack_sequences)
 
     def micro_steps(self, world_size: int) -> int:
         """Micro-batches per rank per mini-batch (DeepSpeed's gradient accumulation steps; 1 with a token budget,
@@ -197,6 +197,7 @@ class LearnerWorker:
             world_size=self.world_size,
             temperature=config.temperature,
             router_aux_coef=self.router_aux_coef,
+            pack_sequences=config.pack_sequences,
         )
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -39,6 +39,7 @@ def _learner(
     anchor="rollout",
     zero_stage=3,
     max_tokens=0,
+    pack=False,
     **algo,
 ):
     from cppo_rl.algorithms import default_config
@@ -57,6 +58,7 @@ def _learner(
         anchor=anchor,
         zero_stage=zero_stage,
         max_tokens_per_micro_batch=max_tokens,
+        pack_sequences=pack,
     )
     return LearnerGroup(config, loss, default_config(loss, **algo), world_size, num_cpus_per_rank=0.5)
 
@@ -124,19 +126,22 @@ def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_ancho
     # the last case recomputes the trust-region anchor on the learner: on the rollout's own weights it
     # equals mu, so the update must not change either
     # and the last but one keeps full parameters on both ranks (ZeRO stage 0 instead of 3); the cases with a
-    # token budget (last column) balance the rows over the ranks by tokens and cut micro-batches of uneven
-    # sizes and counts (cppo_rl/learner/micro_batches.py), with their recompute anchor too
+    # token budget (sixth column) balance the rows over the ranks by tokens and cut micro-batches of uneven
+    # sizes and counts (cppo_rl/learner/micro_batches.py), with their recompute anchor too; the last ones pack
+    # several sequences per forward row (learner.pack_sequences)
     cases = (
-        (1, 8, False, "rollout", 3, 0),
-        (2, 4, False, "rollout", 3, 0),
-        (2, 1, False, "rollout", 3, 0),
-        (1, 4, True, "rollout", 3, 0),
-        (2, 4, False, "rollout", 0, 0),
-        (2, 4, False, "recompute", 3, 0),
-        (2, 4, False, "rollout", 3, 100),
-        (2, 4, False, "recompute", 3, 160),
+        (1, 8, False, "rollout", 3, 0, False),
+        (2, 4, False, "rollout", 3, 0, False),
+        (2, 1, False, "rollout", 3, 0, False),
+        (1, 4, True, "rollout", 3, 0, False),
+        (2, 4, False, "rollout", 0, 0, False),
+        (2, 4, False, "recompute", 3, 0, False),
+        (2, 4, False, "rollout", 3, 100, False),
+        (2, 4, False, "recompute", 3, 160, False),
+        (2, 4, False, "rollout", 3, 0, True),
+        (2, 4, True, "recompute", 3, 160, True),
     )
-    for world_size, micro, checkpointing, anchor, zero_stage, max_tokens in cases:
+    for world_size, micro, checkpointing, anchor, zero_stage, max_tokens, pack in cases:
         learner = _learner(
             tiny_model_dir,
             world_size,
@@ -148,6 +153,7 @@ def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_ancho
             anchor=anchor,
             zero_stage=zero_stage,
             max_tokens=max_tokens,
+            pack=pack,
         )
         try:
             before = _flat(learner.gather_weights())

@@ -20,10 +20,10 @@ def minibatches(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(minibatches())
-def test_a_plan_trains_every_row_once_within_the_budget_with_equal_step_counts(case):
+@given(minibatches(), st.booleans())
+def test_a_plan_trains_every_row_once_within_the_budget_with_equal_step_counts(case, packed):
     tokens, world_size, budget = case
-    plan = plan_minibatch(tokens, world_size, budget)
+    plan = plan_minibatch(tokens, world_size, budget, packed)
     rows = sorted(row for batches in plan for batch in batches for row in batch)
     assert rows == list(range(len(tokens)))
     assert len({len(batches) for batches in plan}) == 1  # every rank runs the same number of micro-steps
@@ -31,7 +31,7 @@ def test_a_plan_trains_every_row_once_within_the_budget_with_equal_step_counts(c
         assert len({row for batch in batches for row in batch}) == len(tokens) // world_size  # equal row counts
         for batch in batches:
             assert batch and batch == sorted(batch)
-            assert padded_tokens(batch, tokens) <= budget or len(batch) == 1
+            assert padded_tokens(batch, tokens, packed) <= budget or len(batch) == 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -46,6 +46,14 @@ def test_the_fixed_size_plan_is_the_contiguous_one():
     rows, micro, total = Batching(micro_batch_size=2).rank_plan([5] * 12, rank=1, world_size=2)
     assert rows == list(range(6, 12))
     assert micro == [[0, 1], [2, 3], [4, 5]] and total == 6
+
+
+def test_packing_computes_no_more_than_padding_and_a_row_at_a_time():
+    tokens = [2048, 900, 700, 300, 300, 200, 100, 100]
+    for rows in ([0, 1, 2, 3], [1, 4, 5, 6, 7], list(range(8))):
+        real = sum(tokens[r] for r in rows)
+        assert real <= padded_tokens(rows, tokens, packed=True) <= padded_tokens(rows, tokens)
+    assert padded_tokens(list(range(8)), tokens, packed=True) == 3 * 2048  # [2048], [900, 700, 300], [300, ...]
 
 
 def test_a_long_tailed_minibatch_computes_far_less_padding_within_the_budget():
