@@ -72,20 +72,28 @@ def test_packed_logprobs_and_entropy_equal_one_sequence_per_row(engine, lengths,
     torch.testing.assert_close(packed_entropy, padded_entropy, rtol=1e-5, atol=1e-5)
 
 
-def test_no_sequence_sees_another_in_its_packed_row(engine):
-    """Change every token of one sequence: the others' logprobs do not move (they share its packed row)."""
-    micro = _micro([4, 3, 5, 2], [6, 9, 3, 2], seed=1)
-    inputs = model_inputs(micro, pack=True)
-    assert inputs["input_ids"].shape[0] < 4  # some sequences do share a row
-    changed = _micro([4, 3, 5, 2], [6, 9, 3, 2], seed=1)
-    changed.prompt_ids[2] = [(t + 1) % VOCAB for t in changed.prompt_ids[2]]
-    changed.response_ids[2] = (changed.response_ids[2] + 1) % VOCAB
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 12)), min_size=2, max_size=6), data=st.data())
+def test_no_sequence_sees_another_in_its_packed_row(engine, lengths, data):
+    """Change every token of one sequence: the other sequences' logprobs, and so their CPPO prefix sums, do not
+    move at all (spec 6.3 item 9), though some share its packed row."""
+    prompts, responses = [p for p, _ in lengths], [r for _, r in lengths]
+    micro, changed = _micro(prompts, responses, seed=1), _micro(prompts, responses, seed=1)
+    target = data.draw(st.integers(0, len(lengths) - 1))
+    changed.prompt_ids[target] = [(t + 1) % VOCAB for t in changed.prompt_ids[target]]
+    changed.response_ids[target] = (changed.response_ids[target] + 1) % VOCAB
     with torch.no_grad():
         before = set_logprobs(engine, micro, 1.0, pack=True)
         after = set_logprobs(engine, changed, 1.0, pack=True)
-    others = [0, 1, 3]
+    others = [i for i in range(len(lengths)) if i != target]
     torch.testing.assert_close(after[others], before[others], rtol=0, atol=0)
-    assert not torch.equal(after[2][micro.response_mask[2]], before[2][micro.response_mask[2]])
+    mask = micro.response_mask[target]
+    assert not torch.equal(after[target][mask], before[target][mask])
+
+
+def test_packing_shares_rows():
+    inputs = model_inputs(_micro([4, 3, 5, 2], [6, 9, 3, 2], seed=1), pack=True)
+    assert inputs["input_ids"].shape[0] < 4
 
 
 def test_packing_gradients_equal_one_sequence_per_row(engine):
