@@ -11,8 +11,9 @@ response length, learning rate (AdamW, constant, no warm-up, weight decay 0, gra
   the reward pool), its seconds per step from the run's metrics.jsonl (`time/step_s`), three times:
   as `make train` runs it (ZeRO-3, one thread), set up for one synchronous machine
   (`learner.zero_stage=0 learner.threads_per_rank=2`), and with asynchronous rollouts
-  (`trainer.max_staleness=1`, the learner at ZeRO stage 0 on one thread, the engine on the other core);
-  the ratio of record is the last (`RATIO_SIDE`);
+  (`trainer.max_staleness=1`, the learner at ZeRO stage 0 on one thread in micro-batches of 1024 packed
+  tokens, the engine on the other core); the ratio of record is the last (`RATIO_SIDE`); a run measures
+  it and the one-machine side (`--all-sides`: all three);
 - TRL: `GRPOTrainer` (transformers generation on the CPU, `use_vllm=False`) in its own virtualenv,
   `.cache/bench/trl-venv`, made by this script (`pip install -c requirements/cpu.txt trl math-verify`,
   so torch and transformers stay at the locked CPU versions); seconds from a callback around each
@@ -23,7 +24,7 @@ sees what cppo_rl sees: the same prompt token ids (its own `_tokenize_prompts` a
 `Trainer._encode`), the same log-probabilities of the model on a fixed sequence, the same rewards.
 The two runs cannot be interleaved; they run one after the other.
 
-    python -m bench.trl_compare [--quick] [--models tiny 25m]
+    python -m bench.trl_compare [--quick] [--models tiny 25m] [--all-sides]
 """
 
 from __future__ import annotations
@@ -295,8 +296,15 @@ CPPO_SIDES = {
     "cppo_rl": ["trainer.max_staleness=0"],
     "cppo_rl_one_machine": ["trainer.max_staleness=0", "learner.zero_stage=0", "learner.threads_per_rank=2"],
     # asynchronous rollouts: the engine generates the next batch on one core while the learner (ZeRO stage 0,
-    # one thread) trains on the other (docs/training.md)
-    "cppo_rl_async": ["trainer.max_staleness=1", "learner.zero_stage=0", "learner.threads_per_rank=1"],
+    # one thread) trains on the other (docs/training.md), in micro-batches of 1024 packed tokens (about TRL's
+    # 16 responses x their longest; docs/learner.md)
+    "cppo_rl_async": [
+        "trainer.max_staleness=1",
+        "learner.zero_stage=0",
+        "learner.threads_per_rank=1",
+        "learner.max_tokens_per_micro_batch=1024",
+        "learner.pack_sequences=true",
+    ],
 }
 RATIO_SIDE = "cppo_rl_async"  # the ratio of record: the fastest setting for one machine
 
@@ -463,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
         default=list(MODELS),
         help="the rows to measure (default: all); the others are kept from the last result file, with their dates",
     )
+    parser.add_argument(
+        "--all-sides", action="store_true", help="every cppo_rl side (with ZeRO-3 as make train runs it)"
+    )
     parser.add_argument("--trl-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_child:
@@ -485,9 +496,9 @@ def main(argv: list[str] | None = None) -> None:
     full = [(model, SIZES["full" if model == "tiny" else model]) for model in args.models]
     measured = (("tiny", SIZES["quick"]),) if args.quick else full
     for model, size in measured:
-        # the quick run: the side of record; the larger model: it and the best synchronous one; else all
+        # the quick run: the side of record; else it and the best synchronous one (`--all-sides`: every side)
         names = (
-            [RATIO_SIDE] if args.quick else list(CPPO_SIDES) if model == "tiny" else [RATIO_SIDE, "cppo_rl_one_machine"]
+            [RATIO_SIDE] if args.quick else list(CPPO_SIDES) if args.all_sides else [RATIO_SIDE, "cppo_rl_one_machine"]
         )
         sides = {side: CPPO_SIDES[side] for side in names}
         rows[model] = {**compare(model, size, sides, venv["python"], timeout), "date": date_now()}
