@@ -276,3 +276,34 @@ def test_chunk_prompts_default_and_validation():
     config.trainer.chunk_prompts, config.trainer.rollout_mode = 2, "async"
     with pytest.raises(ConfigError, match=re.escape("trainer.rollout_mode='async': use one of lockstep, free")):
         validate(config)
+
+
+def test_a_checkpoint_with_rollouts_resumes_only_in_the_mode_that_wrote_them(tmp_path):
+    """Refused before Ray: a lockstep batch and a free-running chunk are saved differently."""
+    import json
+
+    from cppo_rl.controller.trainer import check_rollout_mode
+    from cppo_rl.learner.checkpoint import MARKER, ROLLOUTS_DIR
+
+    checkpoint = tmp_path / "step_000002"
+    (checkpoint / ROLLOUTS_DIR).mkdir(parents=True)
+    marker = {"trainer": {"step": 2, "config": {"trainer": {"rollout_mode": "free"}}}}
+    (checkpoint / MARKER).write_text(json.dumps(marker))
+    check_rollout_mode(checkpoint, "lockstep")  # no rollouts saved: either mode resumes it
+    torch.save({}, checkpoint / ROLLOUTS_DIR / "state.pt")
+    check_rollout_mode(checkpoint, "free")
+    with pytest.raises(ConfigError, match="carries the rollouts a free run generated ahead; resume it with"):
+        check_rollout_mode(checkpoint, "lockstep")
+
+
+def test_saved_rollouts_round_trip_with_the_pipeline_state(tmp_path):
+    from cppo_rl.data_plane import read_rollouts, write_rollouts
+
+    items = [{"name": "chunk_00000002", "tensors": ["b"], "x": 2}, {"name": "chunk_00000001", "tensors": ["a"], "x": 1}]
+    saved = SavedRollouts(items, {"unstarted": [7, 8], "serial": 2, "dropped": 0})
+    assert write_rollouts(tmp_path, saved, get=str.upper) > 0  # each heavy part fetched with `get`
+    back = read_rollouts(tmp_path)
+    assert [item["x"] for item in back.items] == [1, 2] and back.items[0]["tensors"] == ["A"]
+    assert back.state == saved.state
+    nothing = read_rollouts(tmp_path / "absent")
+    assert not nothing and nothing.items == [] and nothing.state is None
