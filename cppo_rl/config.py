@@ -463,7 +463,11 @@ def config_problems(config: TrainConfig) -> list[str]:
             f"trainer.prompts_per_step={t.prompts_per_step} is not a multiple of trainer.minibatch_prompts="
             f"{t.minibatch_prompts}; updates per rollout = prompts_per_step / minibatch_prompts must be whole"
         )
-    if t.chunk_prompts > 0 and t.prompts_per_step % t.chunk_prompts:
+    if t.chunk_prompts < 0:
+        problems.append(
+            f"trainer.chunk_prompts={t.chunk_prompts} must be >= 0 (0: prompts_per_step / rollout.num_engines)"
+        )
+    elif t.chunk_prompts and t.prompts_per_step % t.chunk_prompts:
         problems.append(
             f"trainer.chunk_prompts={t.chunk_prompts} does not divide trainer.prompts_per_step={t.prompts_per_step}; "
             "a batch is made of whole chunks: use a divisor, or 0 (prompts_per_step / rollout.num_engines)"
@@ -558,7 +562,6 @@ def _range_problems(config: TrainConfig) -> list[str]:
         "trainer.max_skipped_steps": t.max_skipped_steps,
         "trainer.max_restarts": t.max_restarts,
         "trainer.max_staleness": t.max_staleness,
-        "trainer.chunk_prompts": t.chunk_prompts,
         "rollout.max_engine_restarts": r.max_engine_restarts,
         "learner.threads_per_rank": lrn.threads_per_rank,
         "cluster.num_gpus": c.num_gpus,

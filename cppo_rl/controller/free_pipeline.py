@@ -83,7 +83,6 @@ class _Chunk:
     ref: ChunkRef | None = None
     arrived_at: float = 0.0
     rewards: object = None
-    restarts: int = 0
 
     @property
     def size(self) -> int:
@@ -206,7 +205,7 @@ class FreePipeline:
         if self.roles.is_current(chunk.call):  # not replaced meanwhile (an evaluation heals engines itself)
             self.roles.lost_engines.add(chunk.call.engine)
         print(f"warning: {cause}: its chunk of {chunk.size} prompts starts again on another engine", flush=True)
-        chunk.call, chunk.restarts = None, chunk.restarts + 1
+        chunk.call = None
         self.counters.restarted_chunks += 1
         self.waiting.append(chunk)
         self._top_up()

@@ -72,18 +72,13 @@ def budget_micro_batches(
     current: list[int] = []
     free: list[int] = []  # the current micro-batch's forward rows' room (packed)
     for row in sorted(rows, key=lambda r: (-tokens[r], r)):
-        if current:
-            if packed:
-                fits = next((i for i, room in enumerate(free) if tokens[row] <= room), None)
-                cost = (len(free) + (fits is None)) * tokens[current[0]]
-            else:
-                cost = (len(current) + 1) * tokens[current[0]]
-            if cost > max_tokens:
-                batches.append(sorted(current))
-                current, free = [], []
+        fits = next((i for i, room in enumerate(free) if tokens[row] <= room), None)
+        forward_rows = (len(free) + (fits is None)) if packed else len(current) + 1
+        if current and forward_rows * tokens[current[0]] > max_tokens:
+            batches.append(sorted(current))
+            current, free, fits = [], [], None
         if packed:
-            fits = next((i for i, room in enumerate(free) if tokens[row] <= room), None)
-            if fits is None:
+            if fits is None:  # a new forward row as long as the micro-batch's longest (first) row
                 free.append(tokens[current[0]] if current else tokens[row])
                 fits = len(free) - 1
             free[fits] -= tokens[row]
