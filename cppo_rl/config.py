@@ -29,7 +29,9 @@ from cppo_rl.sync.transport import DEFAULT_SYNC_TIMEOUT_S
 class AlgorithmConfig:
     """The policy loss by name and its knobs, named as the algorithm core's `PolicyLossConfig` fields
     (see there for each). `divergence`, `trm_max_delta` and `trm_avg_delta` left null take the method's
-    published default (cppo_rl.algorithms.METHOD_DEFAULTS: top-K TV, top-K KL for the TRM methods)."""
+    published default (cppo_rl.algorithms.METHOD_DEFAULTS; `divergence`: top-K TV, used by CPPO and DPPO).
+    TRM's rules have their own estimators: `trm_max_divergence` (sampled_k2) and `trm_avg_divergence`
+    (sampled_k3), as the TRM authors' code (spec 8.11); e.g. `algorithm.trm_max_divergence=topk_kl`."""
 
     name: str = "cppo"
     divergence: str | None = None
@@ -50,6 +52,8 @@ class AlgorithmConfig:
     minpro_eps_high: float = _Loss.minpro_eps_high
     trm_max_delta: float | None = None
     trm_avg_delta: float | None = None
+    trm_max_divergence: str = _Loss.trm_max_divergence
+    trm_avg_divergence: str = _Loss.trm_avg_divergence
     loss_agg_mode: str = _Loss.loss_agg_mode
     advantage: str = "grpo"  # cppo_rl.algorithms.ADVANTAGES
     adv_std_norm: bool = False

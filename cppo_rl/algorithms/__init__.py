@@ -25,6 +25,8 @@ from cppo_rl.algorithms.divergence import (
     binary_tv,
     get_divergence,
     register_divergence,
+    sampled_k2,
+    sampled_k3,
     topk_kl,
     topk_tv,
 )
@@ -96,6 +98,8 @@ __all__ = [
     "register_divergence",
     "register_policy_loss",
     "rloo_advantages",
+    "sampled_k2",
+    "sampled_k3",
     "token_divergence",
     "topk_kl",
     "topk_tv",

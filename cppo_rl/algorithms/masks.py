@@ -414,12 +414,13 @@ def cispo_weights(
 
 @torch.no_grad()
 def minpro_weights(
-    log_ratio: torch.Tensor, response_mask: torch.Tensor, *, eps_low: float = 0.2, eps_high: float = 0.28
+    log_ratio: torch.Tensor, response_mask: torch.Tensor, *, eps_low: float = 10.0, eps_high: float = 0.28
 ) -> torch.Tensor:
     """MinPRO's detached token weight `clip(m_t rho_t, 1 - eps_low, 1 + eps_high)`, float [B, T].
 
     `m_t = min_{i<t} rho_i` over the earlier valid tokens of the same response, `m_1 = 1`
-    (MinPRO as described in secondary sources, spec section 8.12). 0 on padding.
+    (MinPRO as described in secondary sources, spec section 8.12). The clip is CISPO's convention:
+    eps_low = 10 leaves no effective lower clip. 0 on padding.
     """
     caller = "minpro_weights"
     _check_token_inputs(caller, response_mask, log_ratio=log_ratio)

@@ -10,6 +10,7 @@ Loss forms (minimised; rho = exp(clamp(log pi - log mu, -20, 20)); sg = stop-gra
   grpo:                             max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))
   cispo:                            -sg(clamp(rho, 1 - eps_low, 1 + eps_high)) * A * log pi
   minpro:                           -sg(clip(m_t rho_t, 1 - eps_low, 1 + eps_high)) * A * log pi
+                                    (MinPRO as described in secondary sources; eps_low 10, CISPO-style)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from cppo_rl.algorithms.registry import Registry
 class PolicyLossConfig:
     """Every knob of every policy loss; each loss reads the fields it needs. Validated on creation.
 
-    divergence:         estimator of D_t for the divergence masks (binary_tv, binary_kl, topk_tv, topk_kl)
+    divergence:         estimator of D_t for CPPO and DPPO (divergence.DIVERGENCES: binary_tv, topk_tv, ...)
     delta:              token threshold of CPPO/DPPO (0.15 dense, 0.20 MoE in the paper)
     delta_b:            CPPO prefix budget rate (fixed), or its minimum when `adaptive_delta_b`
     w_min:              CPPO's last-position weight, in (0, 1]
@@ -64,8 +65,10 @@ class PolicyLossConfig:
     log_ratio_clamp:    |log pi - log mu| is clamped to this before exp
     clip_low, clip_high: GRPO ratio clip (clip-higher)
     cispo_eps_low, cispo_eps_high: CISPO's IS-weight clamp
-    minpro_eps_low, minpro_eps_high: MinPRO's weight clip
+    minpro_eps_low, minpro_eps_high: MinPRO's weight clip (eps_low 10: no effective lower clip, spec 8.12)
     trm_max_delta, trm_avg_delta: TRM sequence thresholds on max_t D_t and mean_t D_t
+    trm_max_divergence, trm_avg_divergence: the estimators of D_t of the TRM-Max and TRM-Avg rules (spec 8.11:
+                        sampled_k2 and sampled_k3, as the TRM authors' code; topk_kl available)
     loss_agg_mode:      one of aggregation.LOSS_AGG_MODES
     """
 
@@ -88,18 +91,22 @@ class PolicyLossConfig:
     clip_high: float = 0.28
     cispo_eps_low: float = 10.0
     cispo_eps_high: float = 0.2
-    minpro_eps_low: float = 0.2
+    minpro_eps_low: float = 10.0
     minpro_eps_high: float = 0.28
     trm_max_delta: float = 0.05
     trm_avg_delta: float = 0.001
+    trm_max_divergence: str = "sampled_k2"
+    trm_avg_divergence: str = "sampled_k3"
     loss_agg_mode: str = "seq-mean-token-sum-norm"
 
     def __post_init__(self) -> None:
         caller = "PolicyLossConfig"
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(
-                f"{caller}: unknown `divergence` {self.divergence!r}; choose one of {', '.join(DIVERGENCES.names())}"
-            )
+        for name in ("divergence", "trm_max_divergence", "trm_avg_divergence"):
+            if getattr(self, name) not in DIVERGENCES:
+                raise ValueError(
+                    f"{caller}: unknown `{name}` {getattr(self, name)!r}; "
+                    f"choose one of {', '.join(DIVERGENCES.names())}"
+                )
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(
                 f"{caller}: unknown `loss_agg_mode` {self.loss_agg_mode!r}; choose one of {', '.join(LOSS_AGG_MODES)}"
@@ -222,17 +229,18 @@ def _log_ratio(inputs: PolicyLossInputs, config: PolicyLossConfig) -> torch.Tens
     return (inputs.logprobs - inputs.rollout_logprobs.detach()).clamp(-limit, limit)
 
 
-def token_divergence(inputs: PolicyLossInputs, config: PolicyLossConfig) -> torch.Tensor:
-    """D_t [B, T] between mu and pi by `config.divergence` (detached)."""
-    estimator = get_divergence(config.divergence)
-    if config.divergence in TOPK_DIVERGENCES:
-        if inputs.topk_logprobs is None:
-            raise ValueError(
-                f"divergence {config.divergence!r} needs `topk_logprobs` and `rollout_topk_logprobs` "
-                "(the rollout's top-K); pass them, or use divergence='binary_tv' / 'binary_kl'"
-            )
-        return estimator(inputs.rollout_topk_logprobs, inputs.topk_logprobs)
-    return estimator(inputs.rollout_logprobs, inputs.logprobs)
+def token_divergence(inputs: PolicyLossInputs, estimator: str) -> torch.Tensor:
+    """D_t [B, T] between mu and pi by the divergence named `estimator` (detached)."""
+    divergence = get_divergence(estimator)
+    if estimator not in TOPK_DIVERGENCES:
+        return divergence(inputs.rollout_logprobs, inputs.logprobs)
+    if inputs.topk_logprobs is None:
+        sampled = ", ".join(name for name in DIVERGENCES.names() if name not in TOPK_DIVERGENCES)
+        raise ValueError(
+            f"divergence {estimator!r} needs `topk_logprobs` and `rollout_topk_logprobs` (the rollout's "
+            f"top-K); pass them, or choose a sampled-token estimator ({sampled})"
+        )
+    return divergence(inputs.rollout_topk_logprobs, inputs.topk_logprobs)
 
 
 def _finish(
@@ -297,7 +305,7 @@ def cppo_loss(
 ) -> PolicyLossOutput:
     """CPPO: position-weighted token threshold plus cumulative prefix budget (spec section 3)."""
     log_ratio = _log_ratio(inputs, config)
-    divergence = token_divergence(inputs, config)
+    divergence = token_divergence(inputs, config.divergence)
     result = cppo_mask_details(
         divergence,
         inputs.advantages,
@@ -345,7 +353,7 @@ def dppo_loss(
 ) -> PolicyLossOutput:
     """DPPO: keep a token iff it moves toward mu or D_t <= delta."""
     log_ratio = _log_ratio(inputs, config)
-    divergence = token_divergence(inputs, config)
+    divergence = token_divergence(inputs, config.divergence)
     keep = dppo_mask(divergence, inputs.advantages, log_ratio, inputs.response_mask, delta=config.delta)
     metrics = mask_diagnostics(keep, inputs.response_mask, divergence)
     return _masked_truncated_is_loss(inputs, config, normaliser, keep, metrics)
@@ -359,12 +367,14 @@ def _trm_loss(
     use_max: bool,
     use_avg: bool,
 ) -> PolicyLossOutput:
-    divergence = token_divergence(inputs, config)
+    """Each rule on its own estimator; the divergence metrics log the max rule's D_t when it runs."""
     keep = inputs.response_mask
-    if use_max:
-        keep = keep & trm_max_mask(divergence, inputs.response_mask, delta=config.trm_max_delta)
     if use_avg:
+        divergence = token_divergence(inputs, config.trm_avg_divergence)
         keep = keep & trm_avg_mask(divergence, inputs.response_mask, delta_avg=config.trm_avg_delta)
+    if use_max:
+        divergence = token_divergence(inputs, config.trm_max_divergence)
+        keep = keep & trm_max_mask(divergence, inputs.response_mask, delta=config.trm_max_delta)
     metrics = mask_diagnostics(keep, inputs.response_mask, divergence)
     non_empty = inputs.response_mask.any(dim=-1)
     rejected = non_empty & ~keep.any(dim=-1)
@@ -376,7 +386,7 @@ def _trm_loss(
 def trm_max_loss(
     inputs: PolicyLossInputs, config: PolicyLossConfig, normaliser: LossNormaliser | None = None
 ) -> PolicyLossOutput:
-    """TRM-Max: drop whole responses whose max_t D_t exceeds `trm_max_delta`."""
+    """TRM-Max: drop whole responses whose max_t D_t (`trm_max_divergence`) exceeds `trm_max_delta`."""
     return _trm_loss(inputs, config, normaliser, use_max=True, use_avg=False)
 
 
@@ -384,7 +394,7 @@ def trm_max_loss(
 def trm_avg_loss(
     inputs: PolicyLossInputs, config: PolicyLossConfig, normaliser: LossNormaliser | None = None
 ) -> PolicyLossOutput:
-    """TRM-Avg: drop whole responses whose mean_t D_t exceeds `trm_avg_delta`."""
+    """TRM-Avg: drop whole responses whose mean_t D_t (`trm_avg_divergence`) exceeds `trm_avg_delta`."""
     return _trm_loss(inputs, config, normaliser, use_max=False, use_avg=True)
 
 
@@ -429,7 +439,8 @@ def cispo_loss(
 def minpro_loss(
     inputs: PolicyLossInputs, config: PolicyLossConfig, normaliser: LossNormaliser | None = None
 ) -> PolicyLossOutput:
-    """MinPRO (as described in secondary sources): weight by the clipped minimum-prefix-ratio surrogate."""
+    """MinPRO as described in secondary sources (spec 8.12): weight by the minimum-prefix-ratio surrogate,
+    clipped CISPO-style (default eps_low 10: no effective lower clip; eps_high 0.28)."""
     log_ratio = _log_ratio(inputs, config)
     weight = minpro_weights(
         log_ratio, inputs.response_mask, eps_low=config.minpro_eps_low, eps_high=config.minpro_eps_high
@@ -438,9 +449,7 @@ def minpro_loss(
 
 
 METHOD_DEFAULTS: dict[str, dict[str, object]] = {
-    "trm_max": {"divergence": "topk_kl"},
-    "trm_avg": {"divergence": "topk_kl"},
-    "trm_both": {"divergence": "topk_kl", "trm_max_delta": 0.1, "trm_avg_delta": 0.002},
+    "trm_both": {"trm_max_delta": 0.1, "trm_avg_delta": 0.002},
 }
 """Where a method's published defaults differ from `PolicyLossConfig()`'s (spec section 8)."""
 

@@ -166,16 +166,13 @@ class Trainer:
         from cppo_rl.data.arithmetic_task import write_dataset
         from cppo_rl.data.hub import resolve_model_path
         from cppo_rl.data.tiny_model import TinyModelConfig, build_tiny_model
-        from cppo_rl.data.warmstart import WarmStartConfig, ensure_warm_model
+        from cppo_rl.data.warmstart import ensure_for_run
 
         model, data = self.config.model, self.config.data
         task = self.config.data.task
         if model.path == "tiny":
             if model.warm_start:
-                train = WarmStartConfig(
-                    max_seconds=model.warm_start_max_seconds, target_accuracy=model.warm_start_target_accuracy
-                )
-                model_path = str(ensure_warm_model(TinyModelConfig(), task, train).path)
+                model_path = str(ensure_for_run(self.config).path)
             else:
                 model_path = str(build_tiny_model(TinyModelConfig(), self.run_dir / "tiny_model"))
         else:  # a hub name becomes its snapshot directory, resolved once here for every role (cppo_rl.data.hub)

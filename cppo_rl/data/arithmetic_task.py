@@ -6,6 +6,13 @@ evaluates one operation per sentence and ends in a boxed answer: `24+48=72. 72-1
 Difficulty: the operand range and the number of operations (each operation adds about 10 response
 tokens, so 30 operations give responses of a few hundred tokens).
 
+With `solution="any_order"` (sums only) a worked completion adds the terms in a random order, each
+sentence adding one more to the running total, the two written in either order (`Compute 7+12+3.` ->
+`12+3=15. 7+15=22. \\boxed{22}` or `3+7=10. 10+12=22. \\boxed{22}`, ...); `free_format` also draws
+a space or none around each `+` and `=` and the separator after each sentence. So one problem has
+many correct worked answers, and a model trained on them is uncertain at many tokens of its own
+responses (`completion_entropy` counts the demonstrations' entropy), yet graded on the boxed result.
+
 Splits are deterministic in the config and disjoint: problems are drawn from one seeded stream,
 duplicates dropped, the first `test_size` form the test split and the next `train_size` the train
 split (so the test split does not depend on `train_size`). Files follow the schema of the real
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -27,6 +35,9 @@ from cppo_rl.rewards.base import RewardOutcome
 SPLITS = ("train", "test")
 _BOXED = re.compile(r"\\boxed\{\s*([+-]?\d+)\s*\}")
 _MAX_DRAWS_PER_PROBLEM = 100
+SOLUTIONS = ("chain", "any_order")
+SEPARATORS = (". ", ".\n", "; ", ";\n", ", ", ",\n")
+"""The sentence separators `free_format` draws from (the last sentence's is followed by the box)."""
 
 
 @dataclass
@@ -44,6 +55,8 @@ class ArithmeticTaskConfig:
     test_size: int = 200
     seed: int = 0
     data_source: str = "arithmetic"
+    solution: str = "chain"  # or "any_order": the worked answer adds the numbers in a random order
+    free_format: bool = False  # random spaces around + and =, and random sentence separators
 
     def __post_init__(self) -> None:
         caller = "ArithmeticTaskConfig"
@@ -61,6 +74,12 @@ class ArithmeticTaskConfig:
         if self.train_size < 0 or self.test_size < 0:
             raise ValueError(
                 f"{caller}: `train_size` and `test_size` must be >= 0, got {self.train_size}, {self.test_size}"
+            )
+        if self.solution not in SOLUTIONS:
+            raise ValueError(f"{caller}: `solution` must be one of {', '.join(SOLUTIONS)}, got {self.solution!r}")
+        if self.solution == "any_order" and self.operators != "+":
+            raise ValueError(
+                f"{caller}: `solution`='any_order' reorders a sum, so `operators` must be '+', got {self.operators!r}"
             )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.data_source):
             raise ValueError(f"{caller}: `data_source` must be a plain folder name, got {self.data_source!r}")
@@ -96,7 +115,7 @@ def _draw(rng: random.Random, config: ArithmeticTaskConfig) -> tuple[str, str, s
     """One random problem as (expression, answer, worked completion)."""
     low, high = config.min_operand, config.max_operand
     value = rng.randint(low, high)
-    expression, steps = str(value), []
+    expression, terms, steps = str(value), [value], []
     for _ in range(rng.randint(config.min_operations, config.max_operations)):
         operator, operand = rng.choice(config.operators), rng.randint(low, high)
         if operator == "-" and operand > value and not config.allow_negative:
@@ -105,10 +124,57 @@ def _draw(rng: random.Random, config: ArithmeticTaskConfig) -> tuple[str, str, s
             else:
                 operand = rng.randint(low, value)
         result = value + operand if operator == "+" else value - operand
-        steps.append(f"{value}{operator}{operand}={result}.")
+        steps.append((value, operator, operand, result))
         expression += f"{operator}{operand}"
+        terms.append(operand)
         value = result
-    return expression, str(value), " ".join(steps) + f" \\boxed{{{value}}}"
+    if config.solution == "any_order":
+        steps = _any_order_steps(rng, terms)
+    return expression, str(value), _worked_text(rng, steps, config.free_format) + f"\\boxed{{{value}}}"
+
+
+def _any_order_steps(rng: random.Random, terms: list[int]) -> list[tuple[int, str, int, int]]:
+    """The sentences of a sum worked in a random order: the first adds two terms, each later one adds a
+    term not yet used to the running total, the term drawn uniformly and the two written in either order."""
+    remaining = list(terms)
+    rng.shuffle(remaining)
+    total = remaining.pop()
+    steps = []
+    while remaining:
+        term = remaining.pop()
+        a, b = (total, term) if rng.random() < 0.5 else (term, total)
+        total = a + b
+        steps.append((a, "+", b, total))
+    return steps
+
+
+def _worked_text(rng: random.Random, steps: list[tuple[int, str, int, int]], free_format: bool) -> str:
+    """`a+b=c. ` per step; with `free_format` a random space or none on each side of the operator and of
+    `=`, and a random separator from SEPARATORS."""
+    text = ""
+    for a, operator, b, result in steps:
+        spaces = [rng.choice(("", " ")) if free_format else "" for _ in range(4)]
+        separator = rng.choice(SEPARATORS) if free_format else ". "
+        text += f"{a}{spaces[0]}{operator}{spaces[1]}{b}{spaces[2]}={spaces[3]}{result}{separator}"
+    return text
+
+
+def completion_entropy(config: ArithmeticTaskConfig) -> float:
+    """Mean entropy in nats per token (character, plus the closing `<|im_end|>`) of the worked completions
+    the config draws for one problem, averaged over its test split: the uncertainty a model that learned
+    the demonstrations exactly would have on them (the chain rule over the random choices)."""
+    problems = generate_splits(dataclasses.replace(config, train_size=0))["test"]
+    if not problems:
+        return 0.0
+    nats = tokens = 0.0
+    for problem in problems:
+        terms = len(problem.prompt.split("+"))
+        if config.solution == "any_order":  # the first pair: n (n - 1); then a term of r left, either order
+            nats += math.log(terms * (terms - 1)) + sum(math.log(2 * r) for r in range(1, terms - 1))
+        if config.free_format:
+            nats += (terms - 1) * (4 * math.log(2) + math.log(len(SEPARATORS)))
+        tokens += len(problem.completion) + 1
+    return nats / tokens
 
 
 def generate_splits(config: ArithmeticTaskConfig) -> dict[str, list[Problem]]:

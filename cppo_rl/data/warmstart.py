@@ -13,7 +13,8 @@ seconds, accuracy and the loss/accuracy history), stored under `<cache>/models/<
 is the `cache_dir` argument, else `$CPPO_CACHE_DIR`, else `<repo>/.cache`. The directory is built
 in a temporary folder and renamed into place, so a directory that exists is complete.
 
-CLI: `python -m cppo_rl.data.warmstart [--out DIR] [--max-seconds N]`.
+CLI: `python -m cppo_rl.data.warmstart [--out DIR] [OVERRIDE ...]` (the run's overrides, e.g.
+`experiment=drift_stress`; `model.warm_start_max_seconds=N` sets the time limit).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def _training_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> di
 
 
 @torch.no_grad()
-def evaluate(
+def _sample(
     model: Qwen3ForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
     problems: list[Problem],
@@ -147,9 +148,12 @@ def evaluate(
     samples: int,
     temperature: float,
     max_new_tokens: int,
-    seed: int = 0,
-) -> float:
-    """Avg@`samples`: the mean grade of `samples` completions per problem, sampled at `temperature`."""
+    seed: int,
+    scores: bool = False,
+):
+    """`samples` completions per problem, sampled at `temperature` with no truncation: the generated ids
+    [N, new] (N = problems x samples, problem-major) and, with `scores`, the per-step logits after the
+    temperature (a tuple of `new` [N, vocab] tensors)."""
     prompts = [_encode(tokenizer, problem)[0] for problem in problems for _ in range(samples)]
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -171,11 +175,59 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            output_scores=scores,
+            return_dict_in_generate=True,
         )
     model.train(was_training)
-    texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return output.sequences[:, width:], output.scores
+
+
+def evaluate(
+    model: Qwen3ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: list[Problem],
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> float:
+    """Avg@`samples`: the mean grade of `samples` completions per problem, sampled at `temperature`."""
+    generated, _ = _sample(
+        model, tokenizer, problems, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+    )
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     answers = [problem.answer for problem in problems for _ in range(samples)]
     return sum(grade(text, answer) for text, answer in zip(texts, answers, strict=True)) / len(texts)
+
+
+def response_entropy(
+    model: Qwen3ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: list[Problem],
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> float:
+    """Mean entropy (nats) of the model's next-token distribution at `temperature` over the tokens of its
+    own sampled responses (each up to and including its `<|im_end|>`), as RL samples them."""
+    generated, scores = _sample(
+        model,
+        tokenizer,
+        problems,
+        samples=samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        scores=True,
+    )
+    logits = torch.stack(scores, dim=1).float()  # [N, new, vocab]
+    entropy = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).nan_to_num().sum(-1)
+    ended = (generated == tokenizer.eos_token_id).long().cumsum(-1)
+    valid = (ended == 0) | ((ended == 1) & (generated == tokenizer.eos_token_id))  # through the first eos
+    return (entropy * valid).sum().item() / valid.sum().item()
 
 
 def train_warm_model(
@@ -205,7 +257,7 @@ def train_warm_model(
             raise WarmStartTimeout(
                 f"warm start: held-out accuracy {accuracy:.3f} after {step} steps, below the target "
                 f"{config.target_accuracy}, and the time limit of {config.max_seconds:.0f} s is spent; nothing is "
-                "cached. Raise the limit (`model.warm_start_max_seconds` in a run, `--max-seconds` on the CLI) "
+                "cached. Raise the limit (`model.warm_start_max_seconds`, in a run or on the CLI) "
                 "or lower the target (`model.warm_start_target_accuracy`)"
             )
         if cursor + config.batch_size > len(pairs):
@@ -238,11 +290,23 @@ def train_warm_model(
         losses = []
         if accuracy >= config.target_accuracy:
             break
+    seconds = round(time.perf_counter() - start, 1)
+    entropy = response_entropy(
+        model,
+        tokenizer,
+        eval_set,
+        samples=config.eval_samples,
+        temperature=config.temperature,
+        max_new_tokens=max_new_tokens,
+        seed=config.seed,
+    )
+    log(f"mean token entropy on its own held-out responses at temperature {config.temperature}: {entropy:.3f} nats")
     return {
         "steps": step,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": seconds,
         "accuracy": accuracy,
         "reached_target": accuracy >= config.target_accuracy,
+        "response_entropy": entropy,
         "history": history,
     }
 
@@ -288,24 +352,32 @@ def ensure_warm_model(
     return WarmStartResult(path=target, built=True, record=record)
 
 
+def ensure_for_run(config, cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> WarmStartResult:
+    """The warm start a run of `config` (a `TrainConfig`) trains from: its `data.task`, with the time
+    limit and target of its `model` section."""
+    train = WarmStartConfig(
+        max_seconds=config.model.warm_start_max_seconds, target_accuracy=config.model.warm_start_target_accuracy
+    )
+    return ensure_warm_model(TinyModelConfig(), config.data.task, train, cache_dir=cache_dir, log=log)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """CLI: build (or find) the default warm-started model and print where it is and how good it is."""
+    """CLI: build (or find) the warm start of the run the overrides compose (the default run's without
+    any) and print where it is, how good it is and its entropy on its own responses."""
+    from cppo_rl.preflight import compose
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="cache directory (default: $CPPO_CACHE_DIR or <repo>/.cache)")
-    parser.add_argument("--max-seconds", type=float, help="training time budget (default: WarmStartConfig's)")
-    parser.add_argument("--target-accuracy", type=float, help="stop once held-out Avg@k reaches this")
+    parser.add_argument("overrides", nargs="*", help="the run's overrides, e.g. experiment=drift_stress")
     args = parser.parse_args(argv)
-    overrides = {}
-    if args.max_seconds is not None:
-        overrides["max_seconds"] = args.max_seconds
-    if args.target_accuracy is not None:
-        overrides["target_accuracy"] = args.target_accuracy
+    config, _ = compose(args.overrides)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    result = ensure_warm_model(train=WarmStartConfig(**overrides), cache_dir=args.out)
+    result = ensure_for_run(config, cache_dir=args.out)
     record = result.record
     print(
-        f"{'built' if result.built else 'cached'}: {result.path}\n"
-        f"held-out accuracy {record['accuracy']:.3f} after {record['steps']} steps, {record['seconds']} s"
+        f"{'built' if result.built else 'cached'}: {result.path} (config hash {result.path.name})\n"
+        f"held-out accuracy {record['accuracy']:.3f} after {record['steps']} steps, {record['seconds']} s; "
+        f"mean token entropy on its own responses {record.get('response_entropy', float('nan')):.3f} nats"
     )
 
 

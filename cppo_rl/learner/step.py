@@ -205,9 +205,11 @@ def micro_step(
     metrics["loss"] = torch.stack(
         [output.loss.detach().float(), torch.full_like(tokens, 1.0 / shard.micro_steps_total)]
     )
+    # the drift from the sampler, whatever the method masks with: top-K TV between mu and the current pi
+    tv = topk_tv(on_device.topk_logprobs, logprobs.detach())[valid].sum()
+    metrics["topk_tv"] = torch.stack([tv, tokens])
     if shard.first:
         gap = (logprobs[..., 0].detach() - on_device.rollout_logprobs).abs()[valid].sum()
-        tv = topk_tv(on_device.topk_logprobs, logprobs.detach())[valid].sum()
         metrics["rollout_learner_logprob_mismatch"] = torch.stack([gap, tokens])
         metrics["rollout_learner_topk_tv"] = torch.stack([tv, tokens])
         # the first mini-batch trains on the weights that sampled it: what its trust region masks there, the

@@ -222,7 +222,8 @@ class LearnerWorker:
 
         Returns metrics averaged over the batch's valid tokens (all ranks), including
         `rollout_learner_logprob_mismatch` (mean |log mu - log pi| on the first mini-batch before its
-        update), `rollout_learner_topk_tv` and `skipped_updates` (updates not applied because their
+        update), `rollout_learner_topk_tv`, `topk_tv` (mu against the current pi over every micro-batch) and
+        `skipped_updates` (updates not applied because their
         loss or gradient was not finite), and `busy_s`, this rank's seconds in the call.
         """
         started = time.perf_counter()

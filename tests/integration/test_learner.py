@@ -89,6 +89,9 @@ def test_two_ranks_train_and_the_engines_follow(rollout_workers, chat_prompt_ids
         # same weights as the rollout before the first update: the logprob pipelines agree
         assert first["rollout_learner_logprob_mismatch"] < 1e-4
         assert first["rollout_learner_topk_tv"] < 1e-4
+        # one mini-batch: every micro-batch saw the sampling weights; later calls train further from mu
+        assert first["topk_tv"] == pytest.approx(first["rollout_learner_topk_tv"], abs=1e-7)
+        assert metrics["topk_tv"] > 10 * max(first["topk_tv"], 1e-6)
         assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses
         assert first["masked_frac"] == 0.0
         assert first["mismatch_masked_frac"] == 0.0  # reported for the first mini-batch (what mismatch masked)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -26,6 +28,7 @@ def test_warm_start_trains_and_is_cached(tmp_path, tiny_model_shape):
     assert [h["step"] for h in history] == [10, 20]
     assert history[1]["loss"] < history[0]["loss"]
     assert first.record["steps"] == 20
+    assert 0 < first.record["response_entropy"] < math.log(128)  # recorded, in nats (at most log |vocab|)
     AutoModelForCausalLM.from_pretrained(first.path)  # a complete, loadable model directory
 
     second = ensure_warm_model(model, task, train, cache_dir=tmp_path, log=lambda _: None)
@@ -61,3 +64,32 @@ def test_warm_start_past_its_time_limit_fails_and_caches_nothing(tmp_path, tiny_
     assert config_hash(model, task, train) == config_hash(
         model, task, WarmStartConfig(**{**train.to_dict(), "max_seconds": 900})
     )
+
+
+def test_response_entropy_is_the_entropy_of_the_model_on_its_own_responses(tiny_model_shape):
+    """Against a direct forward over prompt + response: the same tokens (through the first <|im_end|>)."""
+    import torch
+
+    from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig, generate_splits
+    from cppo_rl.data.tiny_model import TinyModelConfig, init_tiny_model
+    from cppo_rl.data.tokenizer import build_tokenizer
+    from cppo_rl.data.warmstart import _encode, _sample, response_entropy
+
+    torch.manual_seed(0)
+    model, tokenizer = init_tiny_model(TinyModelConfig(**tiny_model_shape)), build_tokenizer()
+    problems = generate_splits(ArithmeticTaskConfig(train_size=0, test_size=3))["test"]
+    settings = {"samples": 2, "temperature": 0.8, "max_new_tokens": 12, "seed": 5}
+    measured = response_entropy(model, tokenizer, problems, **settings)
+
+    generated, _ = _sample(model, tokenizer, problems, **settings)
+    eos, total, count = tokenizer.eos_token_id, 0.0, 0
+    for row, response in enumerate(generated.tolist()):
+        ended = response.index(eos) + 1 if eos in response else len(response)
+        prompt = _encode(tokenizer, problems[row // 2])[0]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response[:ended]])).logits[0, len(prompt) - 1 : -1] / 0.8
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        total, count = total + entropy.sum().item(), count + ended
+    assert any(eos in r for r in generated.tolist()) or count == generated.numel()
+    assert measured == pytest.approx(total / count, rel=1e-4)
+    assert 0 < measured < math.log(model.config.vocab_size)

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 import cppo_rl.train  # noqa: F401  (registers the schema)
-from cppo_rl.config import ConfigError, TrainConfig, policy_loss_config, validate
+from cppo_rl.algorithms import PolicyLossConfig
+from cppo_rl.config import AlgorithmConfig, ConfigError, TrainConfig, policy_loss_config, validate
 
 CONF = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "conf")
 
@@ -38,13 +39,34 @@ def test_every_algorithm_group_entry_composes(name):
 
 def test_method_defaults_come_from_the_algorithm_core_unless_set():
     trm = _compose("algorithm=trm_both")
-    assert trm.algorithm.divergence is None  # null in the config: the method's own
-    assert (policy_loss_config(trm).divergence, policy_loss_config(trm).trm_max_delta) == ("topk_kl", 0.1)
-    assert policy_loss_config(_compose("algorithm=trm_max", "algorithm.divergence=topk_tv")).divergence == "topk_tv"
+    assert trm.algorithm.divergence is None and trm.algorithm.trm_max_delta is None  # null: the method's own
+    assert (policy_loss_config(trm).trm_max_delta, policy_loss_config(trm).trm_avg_delta) == (0.1, 0.002)
+    assert policy_loss_config(_compose("algorithm=dppo", "algorithm.divergence=binary_kl")).divergence == "binary_kl"
     assert policy_loss_config(_compose()).divergence == "topk_tv"
     assert policy_loss_config(_compose("algorithm.delta_b_ceiling=5")).delta_b_ceiling == 5.0
     with pytest.raises(ConfigError, match=r"algorithm\.delta_b_ceiling must lie in"):
         policy_loss_config(_compose("algorithm.delta_b_ceiling=0.5"))
+
+
+def test_trm_estimators_are_config_keys_defaulting_to_the_authors_k2_k3():
+    """Spec 8.11: TRM-Max on the sampled token's k2, TRM-Avg on its k3, one source for each default
+    (PolicyLossConfig); top-K KL stays selectable per rule; a bad name names the user's key."""
+    for name in ("trm_max", "trm_avg", "trm_both"):
+        loss = policy_loss_config(_compose(f"algorithm={name}"))
+        assert (loss.trm_max_divergence, loss.trm_avg_divergence) == ("sampled_k2", "sampled_k3"), name
+    assert (AlgorithmConfig.trm_max_divergence, AlgorithmConfig.trm_avg_divergence) == (
+        PolicyLossConfig.trm_max_divergence,
+        PolicyLossConfig.trm_avg_divergence,
+    )
+    loss = policy_loss_config(_compose("algorithm=trm_both", "algorithm.trm_max_divergence=topk_kl"))
+    assert (loss.trm_max_divergence, loss.trm_avg_divergence) == ("topk_kl", "sampled_k3")
+    loss = policy_loss_config(_compose("algorithm=trm_avg", "algorithm.trm_avg_divergence=topk_kl"))
+    assert loss.trm_avg_divergence == "topk_kl" and loss.divergence == "topk_tv"  # `divergence` is CPPO / DPPO's
+    for key in ("trm_max_divergence", "trm_avg_divergence"):
+        with pytest.raises(ConfigError, match=rf"unknown algorithm\.{key} 'k4'; choose one of .*sampled_k2"):
+            policy_loss_config(_compose("algorithm=trm_max", f"algorithm.{key}=k4"))
+        with pytest.raises(ConfigError, match=rf"algorithm\.{key}"):
+            validate(_compose(f"algorithm.{key}=full_kl"))
 
 
 def test_unknown_keys_and_wrong_types_are_refused():

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
+import re
 
 import pytest
 
 from cppo_rl.data.arithmetic_task import (
+    SEPARATORS,
     ArithmeticTaskConfig,
+    completion_entropy,
     extract_boxed_int,
     generate_splits,
     grade,
@@ -53,6 +58,76 @@ def test_difficulty_knob_lengthens_the_working():
     assert all(p.completion.count("=") == 20 for p in long)
 
 
+ANY_ORDER = ArithmeticTaskConfig(
+    train_size=300, test_size=50, min_operations=2, max_operations=6, operators="+", solution="any_order", seed=4
+)
+
+
+@pytest.mark.parametrize("free_format", [False, True])
+def test_any_order_completions_add_every_term_once_in_some_order(free_format):
+    config = ArithmeticTaskConfig(**{**ANY_ORDER.to_dict(), "free_format": free_format})
+    separators = "|".join(re.escape(s) for s in SEPARATORS) if free_format else re.escape(". ")
+    sentence = re.compile(rf"(\d+)( ?)\+( ?)(\d+)( ?)=( ?)(\d+)({separators})")
+    orders, spaced = set(), 0
+    for problem in generate_splits(config)["train"]:
+        terms = collections.Counter(int(t) for t in problem.prompt.removeprefix("Compute ").rstrip(".").split("+"))
+        body, box = problem.completion.rsplit("\\boxed", 1)
+        assert box == f"{{{problem.answer}}}" and grade(problem.completion, problem.answer) == 1.0
+        steps = list(sentence.finditer(body))
+        assert "".join(m.group(0) for m in steps) == body  # nothing but sentences
+        assert len(steps) == sum(terms.values()) - 1
+        used, total = collections.Counter(), None
+        for match in steps:
+            a, b, result = int(match.group(1)), int(match.group(4)), int(match.group(7))
+            assert a + b == result
+            if total is None:  # the first sentence adds two terms
+                used.update([a, b])
+            else:  # each later one adds one new term to the running total, written on either side
+                assert total in (a, b)
+                used[b if a == total else a] += 1
+            total = result
+            spaced += any(match.group(i) for i in (2, 3, 5, 6))
+        assert used == terms and total == int(problem.answer)
+        orders.add(problem.completion.split("=")[0])
+    assert len(orders) > 250  # the first sentence varies: not the prompt's order
+    assert (spaced > 0) == free_format
+
+
+@pytest.mark.parametrize(
+    ("solution", "free_format", "operations", "outcomes"),
+    [("any_order", False, 2, 3 * 2 * 2), ("chain", True, 1, 2**4 * len(SEPARATORS))],
+)
+def test_completion_entropy_is_the_demonstrations_entropy(solution, free_format, operations, outcomes):
+    """The chain rule's count against the empirical entropy of many draws of one small problem."""
+    import random
+
+    from cppo_rl.data.arithmetic_task import _any_order_steps, _worked_text
+
+    config = ArithmeticTaskConfig(
+        min_operations=operations,
+        max_operations=operations,
+        operators="+",
+        solution=solution,
+        free_format=free_format,
+        train_size=0,
+        test_size=1,
+        seed=1,
+    )
+    (problem,) = generate_splits(config)["test"]
+    terms = [int(t) for t in problem.prompt.removeprefix("Compute ").rstrip(".").split("+")]
+    assert len(set(terms)) == len(terms)  # distinct terms: every order is a different text
+    rng, draws = random.Random(0), 100_000
+    if solution == "any_order":
+        texts = (_worked_text(rng, _any_order_steps(rng, terms), free_format) for _ in range(draws))
+    else:
+        texts = (_worked_text(rng, [(terms[0], "+", terms[1], sum(terms))], free_format) for _ in range(draws))
+    counts = collections.Counter(texts)
+    empirical = -sum(n / draws * math.log(n / draws) for n in counts.values())
+    assert len(counts) == outcomes
+    assert empirical == pytest.approx(completion_entropy(config) * (len(problem.completion) + 1), abs=0.01)
+    assert completion_entropy(ArithmeticTaskConfig(test_size=5, train_size=0)) == 0.0  # one answer a problem
+
+
 def test_dataset_rows_have_the_shared_schema(tmp_path):
     paths = write_dataset(SMALL, tmp_path)
     for split, path in paths.items():
@@ -73,6 +148,8 @@ def test_dataset_rows_have_the_shared_schema(tmp_path):
         ({"train_size": -1}, "`train_size` and `test_size` must be >= 0"),
         ({"max_operand": 3, "train_size": 100}, "exceeds the"),
         ({"data_source": "a/b"}, "plain folder name"),
+        ({"solution": "tree"}, "`solution` must be one of chain, any_order"),
+        ({"solution": "any_order", "operators": "+-"}, "`operators` must be '\\+'"),
     ],
 )
 def test_bad_task_settings_name_the_field(change, match):

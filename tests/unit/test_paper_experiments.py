@@ -55,8 +55,10 @@ def test_a_baseline_keeps_the_experiment_and_changes_the_loss(method):
     validate(config)
     a = config.algorithm
     assert a.name == method and config.trainer.prompts_per_step == 256 and a.delta == 0.20
-    # TRM masks on a token KL score (spec 4.4), CPPO and the others on Top-K TV: each method's own default
-    assert policy_loss_config(config).divergence == ("topk_kl" if method.startswith("trm") else "topk_tv")
+    # TRM masks on the sampled token's k2 (max) / k3 (avg) (spec 8.11), CPPO and DPPO on Top-K TV
+    loss = policy_loss_config(config)
+    estimators = (loss.divergence, loss.trm_max_divergence, loss.trm_avg_divergence)
+    assert estimators == ("topk_tv", "sampled_k2", "sampled_k3")
     assert (a.clip_low, a.clip_high) == (0.2, 0.28)  # GRPO's clip-higher (spec 4.1), untouched by the experiment
 
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cppo_rl.algorithms.aggregation import LossNormaliser
-from cppo_rl.algorithms.divergence import binary_kl, binary_tv, topk_kl, topk_tv
+from cppo_rl.algorithms.divergence import binary_kl, binary_tv, sampled_k2, sampled_k3, topk_kl, topk_tv
 from cppo_rl.algorithms.masks import (
     cispo_weights,
     cppo_mask,
@@ -197,16 +197,20 @@ def test_default_configs():
     assert default_config("grpo", **TOKEN_MEAN).loss_agg_mode == "token-mean"
     assert (cfg.delta, cfg.delta_b, cfg.w_min, cfg.is_cap) == (0.15, 0.02, 0.8, 20.0)
     assert (cfg.clip_low, cfg.clip_high, cfg.cispo_eps_low, cfg.cispo_eps_high) == (0.2, 0.28, 10.0, 0.2)
-    assert (cfg.minpro_eps_low, cfg.minpro_eps_high) == (0.2, 0.28)
+    assert (cfg.minpro_eps_low, cfg.minpro_eps_high) == (10.0, 0.28)  # spec 8.12: CISPO-style, no lower clip
     assert cfg.divergence == "topk_tv" and not cfg.adaptive_delta_b and not cfg.soft_gate
     assert (cfg.delta_b_quantile, cfg.delta_b_scale, cfg.delta_b_ceiling) == (0.9, 1.0, 2.0)  # spec 3.3, 8.15
+    # spec 8.11: TRM's rules on the sampled token's k2 (max) and k3 (avg), as the TRM authors' code
     for name in ("trm_max", "trm_avg", "trm_both"):
-        assert default_config(name).divergence == "topk_kl"
+        trm = default_config(name)
+        assert (trm.trm_max_divergence, trm.trm_avg_divergence) == ("sampled_k2", "sampled_k3"), name
     assert (default_config("trm_max").trm_max_delta, default_config("trm_avg").trm_avg_delta) == (0.05, 0.001)
     both = default_config("trm_both")
     assert (both.trm_max_delta, both.trm_avg_delta) == (0.1, 0.002)
+    assert METHOD_DEFAULTS == {"trm_both": {"trm_max_delta": 0.1, "trm_avg_delta": 0.002}}
     # overrides beat the method defaults
     assert default_config("trm_both", trm_max_delta=0.3).trm_max_delta == 0.3
+    assert default_config("trm_max", trm_max_divergence="topk_kl").trm_max_divergence == "topk_kl"
     assert default_config("dppo", divergence="binary_tv").divergence == "binary_tv"
     assert set(METHOD_DEFAULTS) <= set(POLICY_LOSSES)
 
@@ -237,6 +241,8 @@ def test_default_configs():
         ("minpro_eps_low", 0.0),
         ("trm_max_delta", 0.0),
         ("trm_avg_delta", -1.0),
+        ("trm_max_divergence", "k2"),
+        ("trm_avg_divergence", "topk"),
         ("delta_b_quantile", 1.5),
         ("delta_b_scale", 0.0),
         ("delta_b_ceiling", 0.5),
@@ -325,8 +331,12 @@ def test_inputs_broadcast_sequence_advantages():
 @pytest.mark.parametrize("name", [*CPPO_FAMILY, "dppo", "trm_max", "trm_avg", "trm_both"])
 def test_topk_divergence_without_topk_inputs_raises(name):
     inputs = hand_inputs([[0.5, 0.5]], [[0.6, 0.4]], [1.0], [[True, True]])
-    config = default_config(name, divergence="topk_kl" if name.startswith("trm") else "topk_tv")
-    with pytest.raises(ValueError, match="topk_logprobs"):
+    if name.startswith("trm"):
+        get_policy_loss(name)(inputs, default_config(name))  # the default k2 / k3 need only the sampled token
+        config = default_config(name, trm_max_divergence="topk_kl", trm_avg_divergence="topk_kl")
+    else:
+        config = default_config(name, divergence="topk_tv")
+    with pytest.raises(ValueError, match=r"needs `topk_logprobs`.*choose a sampled-token estimator \(binary_kl"):
         get_policy_loss(name)(inputs, config)
 
 
@@ -417,13 +427,20 @@ def test_cispo_gradient_hand_example():
 
 
 def test_minpro_gradient_hand_example():
-    # rho = 1.1, 0.7, 1.5, 1.3; m = 1, 1.1, 0.7, 0.7; m rho = 1.1, 0.77, 1.05, 0.91 -> clip(.8, 1.28)
+    # rho = 1.1, 0.7, 1.5, 1.3; m = 1, 1.1, 0.7, 0.7; m rho = 1.1, 0.77, 1.05, 0.91
+    # default clip(1 - 10, 1.28) (spec 8.12): unchanged; with minpro_eps_low = 0.2, 0.77 -> 0.8
     mu = [[0.5, 0.5, 0.5, 0.5, 0.5]]
     pi = [[0.55, 0.35, 0.75, 0.65, 0.01]]
     adv = [[1.0, 1.0, 1.0, -1.0, 2.0]]
     inputs = hand_inputs(mu, pi, adv, ONE_PAD)
     _, grad = run_loss("minpro", inputs, default_config("minpro", **TOKEN_MEAN))
+    assert_grad(grad, [[-1.1 / 4, -0.77 / 4, -1.05 / 4, 0.91 / 4, 0.0]])
+    inputs = hand_inputs(mu, pi, adv, ONE_PAD)
+    _, grad = run_loss("minpro", inputs, default_config("minpro", minpro_eps_low=0.2, **TOKEN_MEAN))
     assert_grad(grad, [[-1.1 / 4, -0.8 / 4, -1.05 / 4, 0.91 / 4, 0.0]])
+
+
+BINARY_TV_TRM = {"trm_max_divergence": "binary_tv", "trm_avg_divergence": "binary_tv"}  # D = |pi - mu| by hand
 
 
 # The rejected row 1 adds nothing to the sum but still counts in the normaliser:
@@ -453,7 +470,7 @@ def test_trm_rejected_sequence_contributes_zero_but_counts_in_normaliser(agg, no
     }
     for name, thresholds in cases.items():
         inputs = hand_inputs(mu, pi, adv, mask)
-        config = default_config(name, divergence="binary_tv", **thresholds, **agg)
+        config = default_config(name, **BINARY_TV_TRM, **thresholds, **agg)
         assert config.loss_agg_mode == ("token-mean" if agg is TOKEN_MEAN else DEFAULT_AGG_MODE)
         out, grad = run_loss(name, inputs, config)
         assert out.loss.item() == pytest.approx(expected_loss, rel=1e-9), name
@@ -468,10 +485,67 @@ def test_trm_avg_row_with_only_small_divergences_passes_with_max_failing_alone()
     mu = [[0.5, 0.5, 0.5, 0.5]]
     pi = [[0.5, 0.5, 0.5, 0.7]]
     inputs = hand_inputs(mu, pi, [1.0], [[True] * 4])
-    cfg = {"divergence": "binary_tv", "trm_max_delta": 0.05, "trm_avg_delta": 0.06}
+    cfg = {**BINARY_TV_TRM, "trm_max_delta": 0.05, "trm_avg_delta": 0.06}
     assert run_loss("trm_max", inputs, default_config("trm_max", **cfg))[0].keep.sum() == 0
     assert run_loss("trm_avg", inputs, default_config("trm_avg", **cfg))[0].keep.sum() == 4
     assert run_loss("trm_both", inputs, default_config("trm_both", **cfg))[0].keep.sum() == 0
+
+
+# log rho = 0.3:   k2 = 0.045,  k3 = e^0.3 - 1.3   = 0.04986  (k2 < 0.047 < k3)
+# log rho = -0.32: k2 = 0.0512, k3 = e^-0.32 - 0.68 = 0.04615  (k3 < 0.047 < k2)
+# One token per response (plus padding), so max_t and mean_t are that token's value.
+TRM_LOG_RHO = [0.3, -0.32]
+TRM_K2 = [0.5 * x**2 for x in TRM_LOG_RHO]
+TRM_K3 = [math.expm1(x) - x for x in TRM_LOG_RHO]
+
+
+def test_trm_rules_use_sampled_k2_and_k3_by_default_each_its_own():
+    """Spec 8.11: TRM-Max on the sampled token's k2, TRM-Avg on its k3 (trm_both: each rule its own);
+    swapping the keys swaps the decisions, and the logged divergence is the max rule's (else the avg's)."""
+    pi = [[0.5 * math.exp(x), 0.9] for x in TRM_LOG_RHO]  # the second column is padding
+    inputs = hand_inputs([[0.5, 0.5]] * 2, pi, [1.0, 1.0], [[True, False]] * 2)
+    thresholds = {"trm_max_delta": 0.047, "trm_avg_delta": 0.047}
+    swapped = {"trm_max_divergence": "sampled_k3", "trm_avg_divergence": "sampled_k2"}
+    cases = [  # (name, swap, kept rows, logged D per row)
+        ("trm_max", False, [True, False], TRM_K2),
+        ("trm_avg", False, [False, True], TRM_K3),
+        ("trm_both", False, [False, False], TRM_K2),
+        ("trm_max", True, [False, True], TRM_K3),
+        ("trm_avg", True, [True, False], TRM_K2),
+    ]
+    for name, swap, kept, logged in cases:
+        config = default_config(name, **thresholds, **(swapped if swap else {}))
+        out = get_policy_loss(name)(inputs, config)
+        assert out.keep[:, 0].bool().tolist() == kept, (name, swap)
+        assert out.metrics["divergence_mean"].item() == pytest.approx(sum(logged) / 2, rel=1e-6), (name, swap)
+    # and at the published thresholds (0.05 on k2, 0.001 on k3), the first row passes TRM-Max only
+    assert get_policy_loss("trm_max")(inputs, default_config("trm_max")).keep[:, 0].tolist() == [1.0, 0.0]
+    assert get_policy_loss("trm_avg")(inputs, default_config("trm_avg")).keep.sum() == 0
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_trm_keep_equals_the_masks_on_the_configured_estimators(seed):
+    """Default k2 / k3 of the sampled token, or the top-K KL when configured (`trm_*_divergence=topk_kl`)."""
+    inputs = random_inputs(seed, rows=8)
+    valid, mu, pi = inputs.response_mask, inputs.rollout_logprobs, inputs.logprobs.detach()
+    k2, k3 = sampled_k2(mu, pi), sampled_k3(mu, pi)
+    kl = topk_kl(inputs.rollout_topk_logprobs, inputs.topk_logprobs)
+    thresholds = {"trm_max_delta": 0.11, "trm_avg_delta": 0.03}
+    topk = {"trm_max_divergence": "topk_kl", "trm_avg_divergence": "topk_kl"}
+    expected = {
+        ("trm_max", False): trm_max_mask(k2, valid, delta=0.11),
+        ("trm_avg", False): trm_avg_mask(k3, valid, delta_avg=0.03),
+        ("trm_both", False): trm_max_mask(k2, valid, delta=0.11) & trm_avg_mask(k3, valid, delta_avg=0.03),
+        ("trm_max", True): trm_max_mask(kl, valid, delta=0.11),
+        ("trm_avg", True): trm_avg_mask(kl, valid, delta_avg=0.03),
+        ("trm_both", True): trm_max_mask(kl, valid, delta=0.11) & trm_avg_mask(kl, valid, delta_avg=0.03),
+    }
+    for (name, use_topk), mask in expected.items():
+        out = get_policy_loss(name)(inputs, default_config(name, **thresholds, **(topk if use_topk else {})))
+        assert torch.equal(out.keep.bool(), mask), (name, use_topk)
+    for name in ("trm_max", "trm_avg"):
+        assert not torch.equal(expected[(name, False)], expected[(name, True)]), name  # the estimator matters here
+        assert expected[(name, False)].any() and (valid & ~expected[(name, False)]).any(), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +568,7 @@ def analytic_grad(
     elif name == "cispo":
         factor = rho.clamp(max=1 + config.cispo_eps_high)  # lower clamp 1 - 10 < 0 never binds
     else:  # minpro, weights checked by hand elsewhere
-        factor = minpro_weights(log_ratio, valid)
+        factor = minpro_weights(log_ratio, valid, eps_low=config.minpro_eps_low, eps_high=config.minpro_eps_high)
     scale = token_mean_scale(inputs) if scale is None else scale
     return torch.where(valid, -a * factor * scale, torch.zeros((), dtype=rho.dtype))
 
@@ -883,18 +957,24 @@ def test_minpro_weights_hand_example():
         [
             [1.1, 0.7, 1.5, 1.3, 0.2],  # m = 1, 1.1, .7, .7 -> m rho = 1.1, .77, 1.05, .91
             [0.9, 1.2, 0.1, 0.1, 0.1],  # m = 1, .9 -> .9, 1.08; padding 0
-            [2.0, 1.0, 0.5, 1.0, 1.0],  # m = 1, 2, 1, .5, .5 -> 2, 2, .5, .5, .5 -> clipped
+            [2.0, 1.0, 0.5, 1.0, 1.0],  # m = 1, 2, 1, .5, .5 -> 2, 2, .5, .5, .5 -> clipped above (below too at 0.2)
             [1.0, 1.0, 1.0, 1.0, 1.0],  # empty row
         ],
         dtype=torch.float64,
     )
     mask = torch.tensor([[True] * 4 + [False], [True, True, False, False, False], [True] * 5, [False] * 5])
-    w = minpro_weights(rho.log(), mask)
+    w = minpro_weights(rho.log(), mask)  # spec 8.12: eps_low 10 (no effective lower clip), eps_high 0.28
+    expected = torch.tensor(
+        [[1.1, 0.77, 1.05, 0.91, 0.0], [0.9, 1.08, 0.0, 0.0, 0.0], [1.28, 1.28, 0.5, 0.5, 0.5], [0.0] * 5],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
+    low_clip = minpro_weights(rho.log(), mask, eps_low=0.2)  # a lower clip that binds
     expected = torch.tensor(
         [[1.1, 0.8, 1.05, 0.91, 0.0], [0.9, 1.08, 0.0, 0.0, 0.0], [1.28, 1.28, 0.8, 0.8, 0.8], [0.0] * 5],
         dtype=torch.float64,
     )
-    torch.testing.assert_close(w, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(low_clip, expected, rtol=1e-12, atol=1e-12)
     # without clipping, the weight is m_t rho_t exactly
     wide = minpro_weights(rho.log(), mask, eps_low=0.99, eps_high=100.0)
     torch.testing.assert_close(wide[2], torch.tensor([2.0, 2.0, 0.5, 0.5, 0.5], dtype=torch.float64))
