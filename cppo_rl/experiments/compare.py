@@ -1,11 +1,12 @@
 """CPPO against the baselines and its ablations under real drift: over policy staleness, updates per rollout and
 seeds (issue 21's study; issue 8's first study varied the updates per rollout only).
 
-    python -m cppo_rl.experiments.compare [--methods ...] [--staleness 0 2 4] [--updates 1] [--seeds 0 1 2]
-        [--steps 40] [--variant NAME] [--experiment offpolicy_stress] [--prompts 8] [--eval-every 5]
-        [--out runs/compare] [--archive DIR] [--report docs/results.md] [--report-only] [-- OVERRIDE ...]
+    python -m cppo_rl.experiments.compare [--methods ...] [--staleness 0 2 4] [--updates 1] [--seeds 0 .. 7]
+        [--steps 40] [--variant NAME] [--experiment drift_stress] [--model DIR] [--prompts 8] [--eval-every 10]
+        [--out runs/drift] [--archive DIR] [--report docs/results.md] [--report-only] [-- OVERRIDE ...]
 
-Each cell (method, staleness k, updates per rollout, seed) is one run of the main job on the warmed-up tiny model,
+(the defaults are issue 21's grid). Each cell (method, staleness k, updates per rollout, seed) is one run of the
+main job on the warmed-up tiny model (or on `--model DIR`, one model directory for every cell),
 in `OUT/<method>[@<variant>]-k<k>-u<updates>-s<seed>/`, with the same experiment preset (task, response length,
 batch), data and step budget. Staleness k is the number of policy versions between the policy that generated a
 batch and the one trained on it (`trainer.max_staleness=k`, in the deterministic lockstep schedule); updates per
@@ -441,10 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), choices=METHODS)
     parser.add_argument(
-        "--staleness", nargs="+", type=int, default=[0], help="policy versions between generation and training"
+        "--staleness", nargs="+", type=int, default=[0, 2, 4], help="policy versions between generation and training"
     )
     parser.add_argument("--updates", nargs="+", type=int, default=[1], help="updates (mini-batches) per rollout")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
     parser.add_argument("--steps", type=int, default=40, help="steps per run; the report takes the runs that have them")
     parser.add_argument(
         "--variant",
@@ -452,10 +453,13 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="label every cell of this invocation (the overrides after -- change its methods); paired with cppo@NAME",
     )
-    parser.add_argument("--experiment", default="offpolicy_stress", help="conf/experiment/ preset of every run")
+    parser.add_argument("--experiment", default="drift_stress", help="conf/experiment/ preset of every run")
+    parser.add_argument(
+        "--model", type=Path, help="train every cell from this model directory (model.path; one warm start for all)"
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("runs/drift"))
     parser.add_argument("--report", type=Path, help="write the markdown tables here (plots into its img/ folder)")
     parser.add_argument("--report-only", action="store_true", help="build the report from finished runs only")
     parser.add_argument(
@@ -481,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{index}/{len(cells)}] {cell.name}: running", flush=True)
         command = [sys.executable, "-m", "cppo_rl.train"]
         command += run_overrides(cell, args.out, args.experiment, args.prompts, args.steps, args.eval_every)
+        command += [f"model.path={args.model.resolve()}"] if args.model else []
         command += args.overrides
         args.out.mkdir(parents=True, exist_ok=True)
         with (args.out / f"{cell.name}.log").open("a") as log:
