@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         "--archive",
         type=Path,
         help="copy each finished run's summary.json, metrics.jsonl and resolved config to ARCHIVE/<cell>/ (small, "
-        "committable; `--report-only --out ARCHIVE` rebuilds the report from them)",
+        "committable; `--report-only --out ARCHIVE` rebuilds the report from them); a cell archived there is not "
+        "run again",
     )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
@@ -479,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     failed = []
     for index, cell in enumerate(cells if not args.report_only else [], start=1):
-        if finished(args.out / cell.name, args.steps):
-            print(f"[{index}/{len(cells)}] {cell.name}: finished earlier, skipped", flush=True)
+        done = [folder for folder in (args.out, args.archive) if folder and finished(folder / cell.name, args.steps)]
+        if done:
+            print(f"[{index}/{len(cells)}] {cell.name}: finished earlier ({done[0]}), skipped", flush=True)
             continue
         print(f"[{index}/{len(cells)}] {cell.name}: running", flush=True)
         command = [sys.executable, "-m", "cppo_rl.train"]

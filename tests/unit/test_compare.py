@@ -114,16 +114,35 @@ def test_every_cell_of_the_grid_composes_and_validates(tmp_path, method, updates
     assert config.trainer.run_name == cell.name
 
 
+def test_the_drift_study_preset_is_uncertain_and_every_method_validates_at_its_largest_staleness(tmp_path):
+    """Issue 21's defaults: the drift_stress task's demonstrations carry 0.5 nats a token, and each method
+    composes with it at k = 4 from one model directory."""
+    from cppo_rl.data.arithmetic_task import completion_entropy
+
+    for method in compare.STUDY_METHODS:
+        overrides = run_overrides(Cell(method, 1, 3, 4), tmp_path, "drift_stress", prompts=8, steps=40, eval_every=10)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            config = OmegaConf.to_object(
+                compose(config_name="config", overrides=[*overrides, f"model.path={tmp_path}"])
+            )
+        validate(config)
+        assert (config.trainer.max_staleness, config.data.eval_prompts) == (4, 200)
+    assert config.data.task.solution == "any_order" and config.data.task.free_format
+    assert completion_entropy(config.data.task) == pytest.approx(0.50, abs=0.01)  # the model measured 0.54
+
+
 def test_the_grid_runs_every_cell_with_the_overrides_after_the_separator(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(
         compare.subprocess, "run", lambda command, **_: commands.append(command) or SimpleNamespace(returncode=0)
     )
     _write_run(tmp_path, Cell("cppo", 1, 0, 0, "cal"), 0.4, 0.5, 0.5, 0.01)  # finished earlier: skipped
+    _write_run(tmp_path / "archive", Cell("dppo", 1, 0, 2, "cal"), 0.4, 0.5, 0.5, 0.01)  # archived: skipped too
     argv = ["--methods", "cppo", "dppo", "--staleness", "0", "2", "--seeds", "0", "--steps", "4", "--variant", "cal"]
+    argv += ["--archive", str(tmp_path / "archive")]
     assert main([*argv, "--out", str(tmp_path), "--", "algorithm.delta=0.03"]) == 0
     names = [next(o for o in command if o.startswith("trainer.run_name=")).split("=")[1] for command in commands]
-    assert names == ["dppo@cal-k0-u1-s0", "cppo@cal-k2-u1-s0", "dppo@cal-k2-u1-s0"]
+    assert names == ["dppo@cal-k0-u1-s0", "cppo@cal-k2-u1-s0"]
     assert all(command[-1] == "algorithm.delta=0.03" for command in commands)
     assert "trainer.max_staleness=2" in commands[1] and "trainer.total_steps=4" in commands[1]
     with pytest.raises(SystemExit):  # a '-' would make the folder names ambiguous
