@@ -149,11 +149,10 @@ def _sample(
     temperature: float,
     max_new_tokens: int,
     seed: int,
-    scores: bool = False,
 ):
     """`samples` completions per problem, sampled at `temperature` with no truncation: the generated ids
-    [N, new] (N = problems x samples, problem-major) and, with `scores`, the per-step logits after the
-    temperature (a tuple of `new` [N, vocab] tensors)."""
+    [N, new] (N = problems x samples, problem-major) and the per-step logits after the temperature (a tuple
+    of `new` [N, vocab] tensors)."""
     prompts = [_encode(tokenizer, problem)[0] for problem in problems for _ in range(samples)]
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -175,7 +174,7 @@ def _sample(
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            output_scores=scores,
+            output_scores=True,
             return_dict_in_generate=True,
         )
     model.train(was_training)
@@ -191,28 +190,10 @@ def evaluate(
     temperature: float,
     max_new_tokens: int,
     seed: int = 0,
-) -> float:
-    """Avg@`samples`: the mean grade of `samples` completions per problem, sampled at `temperature`."""
-    generated, _ = _sample(
-        model, tokenizer, problems, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
-    )
-    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    answers = [problem.answer for problem in problems for _ in range(samples)]
-    return sum(grade(text, answer) for text, answer in zip(texts, answers, strict=True)) / len(texts)
-
-
-def response_entropy(
-    model: Qwen3ForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    problems: list[Problem],
-    *,
-    samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int = 0,
-) -> float:
-    """Mean entropy (nats) of the model's next-token distribution at `temperature` over the tokens of its
-    own sampled responses (each up to and including its `<|im_end|>`), as RL samples them."""
+) -> tuple[float, float]:
+    """(Avg@`samples`, entropy) of `samples` completions per problem sampled at `temperature`: the mean grade,
+    and the mean entropy (nats) of the model's next-token distribution over the tokens of its own responses
+    (each up to and including its `<|im_end|>`), as RL samples them."""
     generated, scores = _sample(
         model,
         tokenizer,
@@ -221,13 +202,16 @@ def response_entropy(
         temperature=temperature,
         max_new_tokens=max_new_tokens,
         seed=seed,
-        scores=True,
     )
-    logits = torch.stack(scores, dim=1).float()  # [N, new, vocab]
-    entropy = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).nan_to_num().sum(-1)
-    ended = (generated == tokenizer.eos_token_id).long().cumsum(-1)
-    valid = (ended == 0) | ((ended == 1) & (generated == tokenizer.eos_token_id))  # through the first eos
-    return (entropy * valid).sum().item() / valid.sum().item()
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    answers = [problem.answer for problem in problems for _ in range(samples)]
+    accuracy = sum(grade(text, answer) for text, answer in zip(texts, answers, strict=True)) / len(texts)
+    logprobs = torch.stack(scores, dim=1).float().log_softmax(-1)  # [N, new, vocab]
+    entropy = -(logprobs.exp() * logprobs).nan_to_num().sum(-1)
+    eos = generated == tokenizer.eos_token_id
+    ended = eos.long().cumsum(-1)
+    valid = (ended == 0) | ((ended == 1) & eos)  # through the first eos
+    return accuracy, (entropy * valid).sum().item() / valid.sum().item()
 
 
 def train_warm_model(
@@ -249,7 +233,7 @@ def train_warm_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     generator = torch.Generator().manual_seed(config.seed)
     order, cursor = torch.randperm(len(pairs), generator=generator), 0
-    history, losses, accuracy, step = [], [], 0.0, 0
+    history, losses, accuracy, entropy, step = [], [], 0.0, float("nan"), 0
     model.train()
     start = time.perf_counter()
     while step < config.max_steps:
@@ -273,7 +257,7 @@ def train_warm_model(
         step += 1
         if step % config.eval_every and step < config.max_steps:
             continue
-        accuracy = evaluate(
+        accuracy, entropy = evaluate(
             model,
             tokenizer,
             eval_set,
@@ -284,29 +268,27 @@ def train_warm_model(
         )
         seconds = time.perf_counter() - start
         history.append(
-            {"step": step, "seconds": round(seconds, 1), "loss": sum(losses) / len(losses), "accuracy": accuracy}
+            {
+                "step": step,
+                "seconds": round(seconds, 1),
+                "loss": sum(losses) / len(losses),
+                "accuracy": accuracy,
+                "entropy": entropy,
+            }
         )
-        log(f"step {step:5d}  {seconds:6.1f}s  loss {history[-1]['loss']:.4f}  held-out accuracy {accuracy:.3f}")
+        log(
+            f"step {step:5d}  {seconds:6.1f}s  loss {history[-1]['loss']:.4f}  held-out accuracy {accuracy:.3f}  "
+            f"entropy {entropy:.3f} nats"
+        )
         losses = []
         if accuracy >= config.target_accuracy:
             break
-    seconds = round(time.perf_counter() - start, 1)
-    entropy = response_entropy(
-        model,
-        tokenizer,
-        eval_set,
-        samples=config.eval_samples,
-        temperature=config.temperature,
-        max_new_tokens=max_new_tokens,
-        seed=config.seed,
-    )
-    log(f"mean token entropy on its own held-out responses at temperature {config.temperature}: {entropy:.3f} nats")
     return {
         "steps": step,
-        "seconds": seconds,
+        "seconds": round(time.perf_counter() - start, 1),
         "accuracy": accuracy,
         "reached_target": accuracy >= config.target_accuracy,
-        "response_entropy": entropy,
+        "response_entropy": entropy,  # at the last check, on the held-out prompts
         "history": history,
     }
 

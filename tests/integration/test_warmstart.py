@@ -29,6 +29,7 @@ def test_warm_start_trains_and_is_cached(tmp_path, tiny_model_shape):
     assert history[1]["loss"] < history[0]["loss"]
     assert first.record["steps"] == 20
     assert 0 < first.record["response_entropy"] < math.log(128)  # recorded, in nats (at most log |vocab|)
+    assert first.record["response_entropy"] == history[-1]["entropy"]  # the last check's
     AutoModelForCausalLM.from_pretrained(first.path)  # a complete, loadable model directory
 
     second = ensure_warm_model(model, task, train, cache_dir=tmp_path, log=lambda _: None)
@@ -66,20 +67,20 @@ def test_warm_start_past_its_time_limit_fails_and_caches_nothing(tmp_path, tiny_
     )
 
 
-def test_response_entropy_is_the_entropy_of_the_model_on_its_own_responses(tiny_model_shape):
+def test_the_check_measures_the_entropy_of_the_model_on_its_own_responses(tiny_model_shape):
     """Against a direct forward over prompt + response: the same tokens (through the first <|im_end|>)."""
     import torch
 
     from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig, generate_splits
     from cppo_rl.data.tiny_model import TinyModelConfig, init_tiny_model
     from cppo_rl.data.tokenizer import build_tokenizer
-    from cppo_rl.data.warmstart import _encode, _sample, response_entropy
+    from cppo_rl.data.warmstart import _encode, _sample, evaluate
 
     torch.manual_seed(0)
     model, tokenizer = init_tiny_model(TinyModelConfig(**tiny_model_shape)), build_tokenizer()
     problems = generate_splits(ArithmeticTaskConfig(train_size=0, test_size=3))["test"]
     settings = {"samples": 2, "temperature": 0.8, "max_new_tokens": 12, "seed": 5}
-    measured = response_entropy(model, tokenizer, problems, **settings)
+    accuracy, measured = evaluate(model, tokenizer, problems, **settings)
 
     generated, _ = _sample(model, tokenizer, problems, **settings)
     eos, total, count = tokenizer.eos_token_id, 0.0, 0
@@ -92,4 +93,4 @@ def test_response_entropy_is_the_entropy_of_the_model_on_its_own_responses(tiny_
         total, count = total + entropy.sum().item(), count + ended
     assert any(eos in r for r in generated.tolist()) or count == generated.numel()
     assert measured == pytest.approx(total / count, rel=1e-4)
-    assert 0 < measured < math.log(model.config.vocab_size)
+    assert 0 < measured < math.log(model.config.vocab_size) and accuracy == 0.0  # an untrained model
