@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from cppo_rl.config import ModelConfig
+from cppo_rl.config import ModelConfig, TrainConfig
 from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig, Problem, generate_splits, grade
 from cppo_rl.data.tiny_model import TinyModelConfig, init_tiny_model
 from cppo_rl.data.tokenizer import IM_END, build_tokenizer
@@ -334,8 +334,10 @@ def ensure_warm_model(
     return WarmStartResult(path=target, built=True, record=record)
 
 
-def ensure_for_run(config, cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> WarmStartResult:
-    """The warm start a run of `config` (a `TrainConfig`) trains from: its `data.task`, with the time
+def ensure_for_run(
+    config: TrainConfig, cache_dir: str | Path | None = None, log: Callable[[str], None] = print
+) -> WarmStartResult:
+    """The warm start a run of `config` trains from: its `data.task`, with the time
     limit and target of its `model` section."""
     train = WarmStartConfig(
         max_seconds=config.model.warm_start_max_seconds, target_accuracy=config.model.warm_start_target_accuracy
