@@ -415,6 +415,10 @@ class Trainer:
                 self._restore(saved, tracker.history_path, pipeline)
             pipeline.loader.load_state_dict(saved.loader)
             return saved
+        if tracker.history_path.is_file() and tracker.history_path.stat().st_size:
+            # an earlier attempt in this directory that died before its first checkpoint: its steps are not resumed
+            print(f"starting over: {tracker.history_path} held steps of an attempt with no checkpoint", flush=True)
+            tracker.history_path.unlink()
         r = self.config.rollout
         with self.startup.phase(
             "first generation (the held-out evaluation before training)",

@@ -61,6 +61,30 @@ def _checkpoint(root, step):
     return finalize(root, step, {"trainer": {"step": step}})
 
 
+def test_a_fresh_start_drops_the_history_of_an_attempt_that_died_before_its_first_checkpoint(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from cppo_rl.config import TrainConfig
+    from cppo_rl.controller.startup import Startup
+    from cppo_rl.controller.trainer import Trainer
+
+    history = tmp_path / "metrics.jsonl"
+    _write(history, [0, 1, 2, 3])  # the dead attempt: steps logged, no checkpoint
+    trainer = Trainer(TrainConfig(), tmp_path)
+    assert trainer.resume_from is None
+    trainer.startup = Startup(60.0)
+
+    def evaluate_and_log(tokenizer, examples, tracker, step, metrics):
+        _write(history, [step]) if not history.exists() else pytest.fail("the old history was kept")
+        return 0.5
+
+    trainer._evaluate_and_log = evaluate_and_log
+    state = trainer._begin(None, [], SimpleNamespace(history_path=history), None, pipeline=None)
+    assert state.evals == [[0, 0.5]]
+    assert [json.loads(line)["step"] for line in history.read_text().splitlines()] == [0]
+    assert "starting over" in capsys.readouterr().out
+
+
 def test_resume_lookup(tmp_path):
     run = tmp_path / "run"
     assert find_resume_checkpoint("never", run) is None
