@@ -11,9 +11,10 @@ response length, learning rate (AdamW, constant, no warm-up, weight decay 0, gra
   the reward pool), its seconds per step from the run's metrics.jsonl (`time/step_s`), three times:
   as `make train` runs it (ZeRO-3, one thread), set up for one synchronous machine
   (`learner.zero_stage=0 learner.threads_per_rank=2`), and with asynchronous rollouts
-  (`trainer.max_staleness=1`, the learner at ZeRO stage 0 on one thread in micro-batches of 1024 packed
-  tokens, the engine on the other core); the ratio of record is the last (`RATIO_SIDE`); a run measures
-  it and the one-machine side (`--all-sides`: all three);
+  (`trainer.max_staleness=1`, the learner at ZeRO stage 0 on one thread in micro-batches of at most 1024
+  tokens, each prompt computed once with its samples (`learner.share_prompts`), the engine on the other
+  core); the ratio of record is the last (`RATIO_SIDE`); a run measures it and the one-machine side
+  (`--all-sides`: all three);
 - TRL: `GRPOTrainer` (transformers generation on the CPU, `use_vllm=False`) in its own virtualenv,
   `.cache/bench/trl-venv`, made by this script (`pip install -c requirements/cpu.txt trl math-verify`,
   so torch and transformers stay at the locked CPU versions); seconds from a callback around each
@@ -296,14 +297,15 @@ CPPO_SIDES = {
     "cppo_rl": ["trainer.max_staleness=0"],
     "cppo_rl_one_machine": ["trainer.max_staleness=0", "learner.zero_stage=0", "learner.threads_per_rank=2"],
     # asynchronous rollouts: the engine generates the next batch on one core while the learner (ZeRO stage 0,
-    # one thread) trains on the other (docs/training.md), in micro-batches of 1024 packed tokens (about TRL's
-    # 16 responses x their longest; docs/learner.md)
+    # one thread) trains on the other (docs/training.md), in micro-batches of at most 1024 tokens (about TRL's
+    # 16 responses x their longest) holding each prompt once with its 16 responses (learner.share_prompts;
+    # docs/learner.md)
     "cppo_rl_async": [
         "trainer.max_staleness=1",
         "learner.zero_stage=0",
         "learner.threads_per_rank=1",
         "learner.max_tokens_per_micro_batch=1024",
-        "learner.pack_sequences=true",
+        "learner.share_prompts=true",
     ],
 }
 RATIO_SIDE = "cppo_rl_async"  # the ratio of record: the fastest setting for one machine

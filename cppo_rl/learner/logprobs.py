@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_SIZE = 512
+# the HF attention implementations that take a 4D boolean / additive mask (shared-prompt rows' block mask)
+BLOCK_MASK_ATTENTION = ("sdpa", "eager")
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -161,6 +163,7 @@ class LogprobPolicy(torch.nn.Module):
         temperature: float,
         return_entropy: bool = False,
         position_ids: torch.Tensor | None = None,
+        block_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """float32 [N, S] logprobs of `token_ids` [N, S] predicted from `hidden[rows, positions]` ([N] each),
         and with `return_entropy` the float32 [N] entropy of each of those positions.
@@ -171,9 +174,19 @@ class LogprobPolicy(torch.nn.Module):
         (`masking_utils.find_packed_sequence_indices`, 5.19) keeps attention inside each sequence, and
         `attention_mask` marks the real tokens for the MoE router's statistics only. No KV cache is built
         (`use_cache=False`: a training forward; transformers skips the packed-sequence detection when a
-        cache exists).
+        cache exists). With `block_mask` (bool [B, 1, L, L], True where a query may attend to a key: shared-prompt
+        rows, `cppo_rl.learner.step.shared_prompt_inputs`) the model gets that mask as it is (transformers 5.19
+        `masking_utils._preprocess_mask_arguments` returns a 4D mask unchanged): sdpa takes it as a boolean
+        mask, eager adds it, so it goes there as 0 / the dtype's minimum.
         """
         mask = None if position_ids is not None else attention_mask
+        if block_mask is not None:
+            mask = block_mask
+            if self.config._attn_implementation == "eager":
+                dtype = self.lm_head.weight.dtype
+                mask = torch.zeros(block_mask.shape, dtype=dtype, device=block_mask.device).masked_fill_(
+                    ~block_mask, torch.finfo(dtype).min
+                )
         if not self.is_moe:
             hidden = self.model(
                 input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False

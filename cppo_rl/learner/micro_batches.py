@@ -14,13 +14,18 @@ rows' token counts (prompt + response), which every rank knows for the whole bat
 3. `plan_minibatch`: ZeRO-3 gathers parameters in every forward and backward, so every rank must run the
    same number of micro-steps: a rank with fewer splits its largest micro-batch until the counts agree.
 
+With `learner.share_prompts` a forward row holds one prompt once and its responses after it (`step.model_inputs`),
+so the plan keeps each prompt's responses together: every rank takes a contiguous share of the mini-batch's rows
+(the samples of a prompt are contiguous), and `budget_shared_micro_batches` cuts it into micro-batches of whole
+prompt groups (a group longer than the budget in parts, each with its own copy of the prompt).
+
 Normalisation is unchanged (cppo_rl/learner/step.py): the loss of each micro-batch is its sum over the
 mini-batch's global counts, so any plan gives the same update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -62,6 +67,43 @@ def padded_tokens(rows: Sequence[int], tokens: Sequence[int], packed: bool = Fal
     return (len(pack_rows(lengths)) if packed else len(lengths)) * max(lengths, default=0)
 
 
+def prompt_groups(rows: Sequence[int], groups: Sequence[int]) -> list[list[int]]:
+    """`rows` (in order) by their prompt group `groups[row]`, groups in order of first appearance."""
+    by_group: dict[int, list[int]] = {}
+    for row in rows:
+        by_group.setdefault(groups[row], []).append(row)
+    return list(by_group.values())
+
+
+def shared_tokens(rows: Sequence[int], tokens: Sequence[int], prompts: Sequence[int], groups: Sequence[int]) -> int:
+    """Tokens a shared-prompt forward of `rows` computes: one forward row per prompt group (its prompt once, then
+    its responses; `tokens` - `prompts` is a row's response), x the longest forward row."""
+    widths = [prompts[g[0]] + sum(tokens[r] - prompts[r] for r in g) for g in prompt_groups(rows, groups)]
+    return len(widths) * max(widths, default=0)
+
+
+def budget_shared_micro_batches(
+    rows: Sequence[int], tokens: Sequence[int], prompts: Sequence[int], groups: Sequence[int], max_tokens: int
+) -> list[list[int]]:
+    """`rows` cut into micro-batches of whole prompt groups, each computing at most `max_tokens` tokens
+    (`shared_tokens`): a group is first cut, rows in order, into parts of at most `max_tokens` (a part of one
+    row may exceed it), then the parts fill micro-batches largest first (`budget_micro_batches` over parts)."""
+    parts: list[list[int]] = []
+    for group in prompt_groups(rows, groups):
+        part: list[int] = []
+        for row in group:
+            if part and shared_tokens([*part, row], tokens, prompts, groups) > max_tokens:
+                parts.append(part)
+                part = []
+            part.append(row)
+        parts.append(part)
+    widths = [shared_tokens(part, tokens, prompts, groups) for part in parts]
+    return [
+        sorted(row for p in batch for row in parts[p])
+        for batch in budget_micro_batches(range(len(parts)), widths, max_tokens)
+    ]
+
+
 def budget_micro_batches(
     rows: Sequence[int], tokens: Sequence[int], max_tokens: int, packed: bool = False
 ) -> list[list[int]]:
@@ -88,14 +130,23 @@ def budget_micro_batches(
     return batches
 
 
-def _split_largest(batches: list[list[int]], tokens: Sequence[int], packed: bool) -> None:
-    """Split the micro-batch with the most computed tokens (of those with two rows or more) into its longer and
-    shorter halves, in place."""
+def _split_largest(batches: list[list[int]], tokens: Sequence[int], cost: Callable[[list[int]], int]) -> None:
+    """Split the micro-batch with the most computed tokens (`cost`; of those with two rows or more) into its longer
+    and shorter halves, in place."""
     candidates = [i for i, b in enumerate(batches) if len(b) > 1]
-    index = max(candidates, key=lambda i: (padded_tokens(batches[i], tokens, packed), -i))
+    index = max(candidates, key=lambda i: (cost(batches[i]), -i))
     ordered = sorted(batches[index], key=lambda r: (-tokens[r], r))
     half = len(ordered) // 2
     batches[index : index + 1] = [sorted(ordered[:half]), sorted(ordered[half:])]
+
+
+def _equal_micro_steps(plan: list[list[list[int]]], tokens: Sequence[int], cost: Callable[[list[int]], int]) -> None:
+    """Split micro-batches (`_split_largest`) until every rank of `plan` has as many as the longest, in place;
+    a rank holds >= that many rows when every rank holds as many rows (each micro-batch has one)."""
+    steps = max(len(batches) for batches in plan)
+    for batches in plan:
+        while len(batches) < steps:
+            _split_largest(batches, tokens, cost)
 
 
 def plan_minibatch(
@@ -106,10 +157,22 @@ def plan_minibatch(
     `tokens`: each row's prompt + response tokens."""
     shares = balance_ranks(tokens, world_size)
     plan = [budget_micro_batches(rows, tokens, max_tokens, packed) for rows in shares]
-    steps = max(len(batches) for batches in plan)
-    for batches in plan:
-        while len(batches) < steps:  # a rank holds >= steps rows (each micro-batch of the longest plan has one)
-            _split_largest(batches, tokens, packed)
+    _equal_micro_steps(plan, tokens, lambda rows: padded_tokens(rows, tokens, packed))
+    return plan
+
+
+def plan_shared_minibatch(
+    tokens: Sequence[int], prompts: Sequence[int], groups: Sequence[int], world_size: int, max_tokens: int
+) -> list[list[list[int]]]:
+    """`plan_minibatch` for shared-prompt forwards: every rank a contiguous 1/world share of the rows, cut into
+    micro-batches of whole prompt groups (`budget_shared_micro_batches`), the same count on every rank.
+    `prompts`: each row's prompt tokens; `groups`: each row's prompt group."""
+    share = len(tokens) // world_size
+    plan = [
+        budget_shared_micro_batches(range(r * share, (r + 1) * share), tokens, prompts, groups, max_tokens)
+        for r in range(world_size)
+    ]
+    _equal_micro_steps(plan, tokens, lambda rows: shared_tokens(rows, tokens, prompts, groups))
     return plan
 
 
@@ -122,12 +185,27 @@ class Batching:
     micro_batch_size: int
     max_tokens: int = 0
     packed: bool = False  # the forwards pack several sequences per row (the budget counts packed rows)
+    shared: bool = False  # the forwards hold each prompt once with its responses (the budget counts those rows)
 
-    def rank_plan(self, tokens: Sequence[int], rank: int, world_size: int) -> tuple[list[int], list[list[int]], int]:
+    def rank_plan(
+        self,
+        tokens: Sequence[int],
+        rank: int,
+        world_size: int,
+        prompts: Sequence[int] | None = None,
+        groups: Sequence[int] | None = None,
+    ) -> tuple[list[int], list[list[int]], int]:
         """For a mini-batch whose rows have `tokens` (prompt + response): the rows this rank trains (ascending),
-        its micro-batches as positions in those rows, and the mini-batch's micro-steps over all ranks."""
+        its micro-batches as positions in those rows, and the mini-batch's micro-steps over all ranks.
+        `prompts`, `groups`: each row's prompt tokens and prompt group (needed when `shared`)."""
         if self.max_tokens:
-            batches = plan_minibatch(tokens, world_size, self.max_tokens, self.packed)[rank]
+            if self.shared:
+                if prompts is None or groups is None:
+                    raise ValueError("Batching.rank_plan: a shared-prompt plan needs the rows' `prompts` and `groups`")
+                plan = plan_shared_minibatch(tokens, prompts, groups, world_size, self.max_tokens)
+            else:
+                plan = plan_minibatch(tokens, world_size, self.max_tokens, self.packed)
+            batches = plan[rank]
             mine = sorted(row for batch in batches for row in batch)
             position = {row: i for i, row in enumerate(mine)}
             return mine, [[position[row] for row in batch] for batch in batches], len(batches) * world_size

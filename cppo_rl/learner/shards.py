@@ -34,12 +34,16 @@ def shards_from_source(
         get = ray.get
     size = source.num_responses // updates
     tokens = (source.response_lengths + source.prompt_lengths).tolist()
+    prompts, groups = source.prompt_lengths.tolist(), source.group_index.tolist()
     cache: dict[int, ChunkTensors] = {}
     shards = []
     for update in range(updates):
         first = update * size
         normaliser = minibatch_normaliser(source.response_lengths[first : first + size], horizon)
-        rows, micro_batches, total = batching.rank_plan(tokens[first : first + size], rank, world_size)
+        window = slice(first, first + size)
+        rows, micro_batches, total = batching.rank_plan(
+            tokens[window], rank, world_size, prompts[window], groups[window]
+        )
         mine = gather_rows(source, [first + row for row in rows], get, cache)
         shards.append(Shard(mine, normaliser, update == 0, micro_batches, total))
     return shards

@@ -53,8 +53,10 @@ def split_shards(
     for update in range(updates):
         minibatch = batch.select(range(update * size, (update + 1) * size))
         normaliser = minibatch_normaliser(minibatch.response_lengths, horizon)
-        tokens = (minibatch.response_lengths + torch.tensor([len(p) for p in minibatch.prompt_ids])).tolist()
-        rows, micro_batches, total = batching.rank_plan(tokens, rank, world_size)
+        prompts = [len(p) for p in minibatch.prompt_ids]
+        tokens = (minibatch.response_lengths + torch.tensor(prompts)).tolist()
+        groups = minibatch.group_index.tolist()
+        rows, micro_batches, total = batching.rank_plan(tokens, rank, world_size, prompts, groups)
         shards.append(Shard(minibatch.select(rows), normaliser, update == 0, micro_batches, total))
     return shards
 
@@ -70,12 +72,15 @@ def to_device(micro: RolloutBatch, device: torch.device) -> RolloutBatch:
     return moved
 
 
-def model_inputs(micro: RolloutBatch, pack: bool) -> dict[str, torch.Tensor]:
+def model_inputs(micro: RolloutBatch, pack: bool, share_prompts: bool = False) -> dict[str, torch.Tensor]:
     """The policy's inputs for `micro` (host tensors): int64 input_ids [R, L], attention_mask [R, L] (1 at real
-    tokens), position_ids [R, L] when packed, and for each valid response token (micro.response_mask's
+    tokens), position_ids [R, L] when packed or shared, and for each valid response token (micro.response_mask's
     nonzero order) the row and position of the hidden state that predicts it. Unpacked: one right-padded
     sequence per row. Packed (`pack_rows`): several sequences per row, positions restarting at 0 at each
-    (trailing padding too), so attention never crosses a sequence."""
+    (trailing padding too), so attention never crosses a sequence. Shared (`shared_prompt_inputs`): each
+    distinct prompt once per row, followed by its responses, with a block attention mask."""
+    if share_prompts:
+        return shared_prompt_inputs(micro)
     prompts = [len(p) for p in micro.prompt_ids]
     lengths = micro.response_lengths.tolist()
     totals = [p + r for p, r in zip(prompts, lengths, strict=True)]
@@ -109,19 +114,74 @@ def model_inputs(micro: RolloutBatch, pack: bool) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def shared_prompt_inputs(micro: RolloutBatch) -> dict[str, torch.Tensor]:
+    """`model_inputs` with each distinct prompt of `micro` computed once: forward row f holds prompt f, then each
+    of its responses in turn, positions continuing from the prompt's end in every response. `block_mask` (bool
+    [R, 1, L, L], True where query q may attend to key k) lets a prompt token see the prompt's earlier tokens
+    and a response token the whole prompt and its own response's earlier tokens, never another response (the
+    trailing padding sees only padding). Each response's logprobs are then those of its own sequence alone,
+    and the prompt's share of the forward and backward is computed once instead of once per sample."""
+    lengths = micro.response_lengths.tolist()
+    families: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(micro.prompt_ids):
+        families.setdefault(tuple(prompt), []).append(i)
+    widths = [len(prompt) + sum(lengths[i] for i in members) for prompt, members in families.items()]
+    width = max(widths)
+    input_ids = torch.zeros(len(families), width, dtype=torch.int64)
+    position_ids = torch.zeros(len(families), width, dtype=torch.int64)
+    branch = torch.full((len(families), width), -1, dtype=torch.int64)  # 0: prompt, j > 0: response j, -1: padding
+    start_of = torch.zeros(len(lengths), dtype=torch.int64)  # where each response starts in its row
+    row_of = torch.zeros(len(lengths), dtype=torch.int64)
+    prompt_of = torch.zeros(len(lengths), dtype=torch.int64)
+    for row, (prompt, members) in enumerate(families.items()):
+        p = len(prompt)
+        input_ids[row, :p], position_ids[row, :p], branch[row, :p] = torch.tensor(prompt), torch.arange(p), 0
+        offset = p
+        for j, i in enumerate(members, start=1):
+            length = lengths[i]
+            input_ids[row, offset : offset + length] = micro.response_ids[i, :length]
+            position_ids[row, offset : offset + length] = torch.arange(p, p + length)
+            branch[row, offset : offset + length] = j
+            row_of[i], start_of[i], prompt_of[i] = row, offset, p
+            offset += length
+        position_ids[row, offset:] = torch.arange(width - offset)
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]  # [query, key]
+    query, key = branch[:, :, None], branch[:, None, :]
+    block_mask = causal & (((key == 0) & (query >= 0)) | (key == query))
+    sequences, columns = micro.response_mask.nonzero(as_tuple=True)
+    # response token t is predicted by its response's token t - 1, the first one by the prompt's last token
+    positions = torch.where(columns == 0, prompt_of[sequences] - 1, start_of[sequences] + columns - 1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (branch >= 0).to(torch.int64),
+        "rows": row_of[sequences],
+        "positions": positions,
+        "position_ids": position_ids,
+        "block_mask": block_mask.unsqueeze(1),
+    }
+
+
 def set_logprobs(
-    engine, micro: RolloutBatch, temperature: float, return_entropy: bool = False, device_mask=None, pack=False
+    engine,
+    micro: RolloutBatch,
+    temperature: float,
+    return_entropy: bool = False,
+    device_mask=None,
+    pack=False,
+    share_prompts=False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float32 [B, T, S] log pi at `micro.topk_ids` (slot 0: the sampled token), -inf at unused slots;
     with `return_entropy` also the float32 [valid tokens] entropy (nats) of pi at each valid response token.
     Both on the engine's device. `engine`: the DeepSpeed engine around a cppo_rl.learner.logprobs.LogprobPolicy;
     `micro`: host tensors (the inputs are built there and copied once); `device_mask`: `micro.response_mask`
-    already on the device, if the caller has it; `pack`: several sequences per forward row (`model_inputs`).
+    already on the device, if the caller has it; `pack`: several sequences per forward row, `share_prompts`: each
+    prompt once per row with its responses (`model_inputs`).
     The result is per sequence either way, so every per-sequence quantity downstream (CPPO's prefix sums,
     the loss's normalisers) sees one sequence per row."""
     device = engine.device
     valid = micro.response_mask
-    inputs = {name: t.to(device, non_blocking=True) for name, t in model_inputs(micro, pack).items()}
+    inputs = {name: t.to(device, non_blocking=True) for name, t in model_inputs(micro, pack, share_prompts).items()}
     result = engine(
         inputs["input_ids"],
         inputs["attention_mask"],
@@ -131,6 +191,7 @@ def set_logprobs(
         temperature,
         return_entropy=return_entropy,
         position_ids=inputs.get("position_ids"),
+        block_mask=inputs.get("block_mask"),
     )
     logprobs, entropy = result if return_entropy else (result, None)
     out = torch.full(micro.topk_ids.shape, -float("inf"), dtype=torch.float32, device=device)
@@ -154,7 +215,7 @@ def batch_logprobs(engine, batch: RolloutBatch, micro_batch_size: int, temperatu
 @dataclass(frozen=True)
 class StepContext:
     """What a micro-step needs besides its data: the DeepSpeed engine, the loss and its config, the rank
-    count, the rollout temperature, the router's aux-loss weight and whether sequences are packed."""
+    count, the rollout temperature, the router's aux-loss weight and the forward rows' layout."""
 
     engine: object
     loss_fn: object
@@ -163,6 +224,7 @@ class StepContext:
     temperature: float
     router_aux_coef: float
     pack_sequences: bool = False  # several sequences per forward row (`model_inputs`)
+    share_prompts: bool = False  # each prompt once per forward row, with its responses (`model_inputs`)
 
 
 def micro_step(
@@ -175,7 +237,13 @@ def micro_step(
     on_device = to_device(micro, engine.device)
     valid = on_device.response_mask
     logprobs, entropy = set_logprobs(
-        engine, micro, context.temperature, return_entropy=True, device_mask=valid, pack=context.pack_sequences
+        engine,
+        micro,
+        context.temperature,
+        return_entropy=True,
+        device_mask=valid,
+        pack=context.pack_sequences,
+        share_prompts=context.share_prompts,
     )
     mu_sampled, mu_set = anchor if anchor is not None else (on_device.rollout_logprobs, on_device.topk_logprobs)
     inputs = PolicyLossInputs(

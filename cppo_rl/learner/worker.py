@@ -69,7 +69,7 @@ class LearnerConfig(LearnerSettings):
     @property
     def batching(self) -> Batching:
         """How a rank cuts its share of a mini-batch into micro-batches (cppo_rl/learner/micro_batches.py)."""
-        return Batching(self.micro_batch_size, self.max_tokens_per_micro_batch, self.pack_sequences)
+        return Batching(self.micro_batch_size, self.max_tokens_per_micro_batch, self.pack_sequences, self.share_prompts)
 
     def micro_steps(self, world_size: int) -> int:
         """Micro-batches per rank per mini-batch (DeepSpeed's gradient accumulation steps; 1 with a token budget,
@@ -166,7 +166,10 @@ class LearnerWorker:
         torch.manual_seed(config.seed)
         ds_config = deepspeed_config(config, config.micro_steps(self.world_size), dtype)
         keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained partition the weights (ZeRO-3 init)
-        attention = distributed.attn_implementation_for(config.attn_implementation, on_gpu)
+        # share_prompts with an explicit kernel other than sdpa / eager is refused by cppo_rl.config.validate
+        attention = distributed.attn_implementation_for(
+            config.attn_implementation, on_gpu, block_mask=config.share_prompts
+        )
         model = AutoModelForCausalLM.from_pretrained(
             config.model_path, dtype=getattr(torch, dtype), attn_implementation=attention
         )
@@ -198,6 +201,7 @@ class LearnerWorker:
             temperature=config.temperature,
             router_aux_coef=self.router_aux_coef,
             pack_sequences=config.pack_sequences,
+            share_prompts=config.share_prompts,
         )
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:

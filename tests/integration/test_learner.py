@@ -40,6 +40,7 @@ def _learner(
     zero_stage=3,
     max_tokens=0,
     pack=False,
+    share=False,
     **algo,
 ):
     from cppo_rl.algorithms import default_config
@@ -59,6 +60,7 @@ def _learner(
         zero_stage=zero_stage,
         max_tokens_per_micro_batch=max_tokens,
         pack_sequences=pack,
+        share_prompts=share,
     )
     return LearnerGroup(config, loss, default_config(loss, **algo), world_size, num_cpus_per_rank=0.5)
 
@@ -131,20 +133,23 @@ def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_ancho
     # and the last but one keeps full parameters on both ranks (ZeRO stage 0 instead of 3); the cases with a
     # token budget (sixth column) balance the rows over the ranks by tokens and cut micro-batches of uneven
     # sizes and counts (cppo_rl/learner/micro_batches.py), with their recompute anchor too; the last ones pack
-    # several sequences per forward row (learner.pack_sequences)
+    # several sequences per forward row (learner.pack_sequences), and the very last ones each prompt once per row
+    # with its responses (learner.share_prompts)
     cases = (
-        (1, 8, False, "rollout", 3, 0, False),
-        (2, 4, False, "rollout", 3, 0, False),
-        (2, 1, False, "rollout", 3, 0, False),
-        (1, 4, True, "rollout", 3, 0, False),
-        (2, 4, False, "rollout", 0, 0, False),
-        (2, 4, False, "recompute", 3, 0, False),
-        (2, 4, False, "rollout", 3, 100, False),
-        (2, 4, False, "recompute", 3, 160, False),
-        (2, 4, False, "rollout", 3, 0, True),
-        (2, 4, True, "recompute", 3, 160, True),
+        (1, 8, False, "rollout", 3, 0, False, False),
+        (2, 4, False, "rollout", 3, 0, False, False),
+        (2, 1, False, "rollout", 3, 0, False, False),
+        (1, 4, True, "rollout", 3, 0, False, False),
+        (2, 4, False, "rollout", 0, 0, False, False),
+        (2, 4, False, "recompute", 3, 0, False, False),
+        (2, 4, False, "rollout", 3, 100, False, False),
+        (2, 4, False, "recompute", 3, 160, False, False),
+        (2, 4, False, "rollout", 3, 0, True, False),
+        (2, 4, True, "recompute", 3, 160, True, False),
+        (2, 4, False, "rollout", 3, 0, False, True),
+        (1, 4, True, "recompute", 3, 100, False, True),
     )
-    for world_size, micro, checkpointing, anchor, zero_stage, max_tokens, pack in cases:
+    for world_size, micro, checkpointing, anchor, zero_stage, max_tokens, pack, share in cases:
         learner = _learner(
             tiny_model_dir,
             world_size,
@@ -157,6 +162,7 @@ def test_update_does_not_depend_on_world_size_micro_batch_checkpointing_or_ancho
             zero_stage=zero_stage,
             max_tokens=max_tokens,
             pack=pack,
+            share=share,
         )
         try:
             before = _flat(learner.gather_weights())

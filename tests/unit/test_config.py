@@ -96,6 +96,11 @@ def test_unknown_keys_and_wrong_types_are_refused():
         (["cluster.placement_strategy=RANDOM"], "cluster.placement_strategy='RANDOM'"),
         (["+cluster.engine_resources={rollout: 0}"], r"cluster.engine_resources=\{'rollout': 0.0\}: custom resources"),
         (["+cluster.learner_resources={CPU: 1}"], r"cluster.learner_resources=\{'CPU': 1.0\}: custom resources"),
+        (["learner.share_prompts=true", "learner.pack_sequences=true"], "two layouts of the forward rows; choose one"),
+        (
+            ["learner.share_prompts=true", "learner.attn_implementation=flash_attention_2"],
+            r"share_prompts needs an attention that takes a 4D mask \(sdpa or eager\).*attn_implementation=sdpa",
+        ),
         (["reward.grader=math_verify"], "must look like 'package.module:function'"),
         (["reward.grader=no_such_module:grade"], "cannot import 'no_such_module'"),
         (["reward.grader=cppo_rl.rewards.math_grader:nope"], "has no function 'nope'"),

@@ -215,15 +215,17 @@ def test_refs_answer_the_light_questions_and_fetch_the_concatenated_batch():
 @pytest.mark.parametrize("token_level", [False, True])
 @pytest.mark.parametrize(("updates", "world_size"), [(1, 1), (1, 2), (2, 2), (3, 2), (6, 1), (2, 3)])
 @pytest.mark.parametrize("horizon", [None, 64])
-@pytest.mark.parametrize("max_tokens", [0, 24])
-def test_shards_by_reference_equal_the_shards_of_the_whole_batch(updates, world_size, horizon, token_level, max_tokens):
+@pytest.mark.parametrize(("max_tokens", "shared"), [(0, False), (24, False), (24, True)])
+def test_shards_by_reference_equal_the_shards_of_the_whole_batch(
+    updates, world_size, horizon, token_level, max_tokens, shared
+):
     from cppo_rl.learner.micro_batches import Batching
     from cppo_rl.learner.shards import shards_from_source
     from cppo_rl.learner.step import split_shards
 
     if max_tokens and (18 // updates) % world_size:
         pytest.skip("a token-budget plan deals whole mini-batches (the learner config refuses uneven shares)")
-    batching = Batching(micro_batch_size=1, max_tokens=max_tokens)
+    batching = Batching(micro_batch_size=1, max_tokens=max_tokens, shared=shared)
 
     # three engine chunks of different widths; mini-batches and rank shares straddle chunk borders
     chunks = [_engine_chunk([3, 7, 5, 1, 2, 2], 2, 5, seed=1), _engine_chunk([2, 2, 11, 4], 2, 5, seed=2)]
@@ -248,10 +250,14 @@ def test_shards_by_reference_equal_the_shards_of_the_whole_batch(updates, world_
             assert mine.normaliser == theirs.normaliser and mine.first == theirs.first
             assert (mine.micro_batches, mine.micro_steps_total) == (theirs.micro_batches, theirs.micro_steps_total)
         # only the chunks holding this rank's rows, each once
-        size, tokens = 18 // updates, (whole.response_lengths + torch.tensor([len(p) for p in whole.prompt_ids]))
+        size, prompts = 18 // updates, torch.tensor([len(p) for p in whole.prompt_ids])
+        tokens, groups = whole.response_lengths + prompts, whole.group_index
         rows = set()
         for u in range(updates):
-            mine_rows, _, _ = batching.rank_plan(tokens[u * size : (u + 1) * size].tolist(), rank, world_size)
+            window = slice(u * size, (u + 1) * size)
+            mine_rows, _, _ = batching.rank_plan(
+                tokens[window].tolist(), rank, world_size, prompts[window].tolist(), groups[window].tolist()
+            )
             rows |= {u * size + r for r in mine_rows}
         holding = [i for i in range(3) if rows & set(range(offsets[i], offsets[i + 1]))]
         assert fetched == [id(refs.chunks[i].tensors) for i in holding]
