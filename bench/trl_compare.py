@@ -8,13 +8,14 @@ response length, learning rate (AdamW, constant, no warm-up, weight decay 0, gra
 1, one optimizer step per rollout, GRPO advantages (group mean and std), the clipped ratio loss (0.2 /
 0.28) summed over tokens / (responses x max length), no KL term:
 - cppo_rl: `python -m cppo_rl.train algorithm=grpo ...` (Ray, one vLLM-CPU engine, one learner rank,
-  the reward pool), its seconds per step from the run's metrics.jsonl (`time/step_s`), three times:
+  the reward pool), its seconds per step from the run's metrics.jsonl (`time/step_s`), four ways:
   as `make train` runs it (ZeRO-3, one thread), set up for one synchronous machine
   (`learner.zero_stage=0 learner.threads_per_rank=2`), and with asynchronous rollouts
   (`trainer.max_staleness=1`, the learner at ZeRO stage 0 on one thread in micro-batches of at most 1024
   tokens, each prompt computed once with its samples (`learner.share_prompts`), the engine on the other
-  core); the ratio of record is the last (`RATIO_SIDE`); a run measures it and the one-machine side
-  (`--all-sides`: all three);
+  core), and that side with packed sequences instead of shared prompts; the ratio of record is the
+  asynchronous shared-prompt side (`RATIO_SIDE`); a run measures it, its packed variant and the one-machine
+  side (`--all-sides`: all four);
 - TRL: `GRPOTrainer` (transformers generation on the CPU, `use_vllm=False`) in its own virtualenv,
   `.cache/bench/trl-venv`, made by this script (`pip install -c requirements/cpu.txt trl math-verify`,
   so torch and transformers stay at the locked CPU versions); seconds from a callback around each
@@ -307,6 +308,15 @@ CPPO_SIDES = {
         "learner.max_tokens_per_micro_batch=1024",
         "learner.share_prompts=true",
     ],
+    # the same with several sequences packed per forward row instead (each prompt once per sample): what
+    # share_prompts saves
+    "cppo_rl_async_packed": [
+        "trainer.max_staleness=1",
+        "learner.zero_stage=0",
+        "learner.threads_per_rank=1",
+        "learner.max_tokens_per_micro_batch=1024",
+        "learner.pack_sequences=true",
+    ],
 }
 RATIO_SIDE = "cppo_rl_async"  # the ratio of record: the fastest setting for one machine
 
@@ -498,10 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     full = [(model, SIZES["full" if model == "tiny" else model]) for model in args.models]
     measured = (("tiny", SIZES["quick"]),) if args.quick else full
     for model, size in measured:
-        # the quick run: the side of record; else it and the best synchronous one (`--all-sides`: every side)
-        names = (
-            [RATIO_SIDE] if args.quick else list(CPPO_SIDES) if args.all_sides else [RATIO_SIDE, "cppo_rl_one_machine"]
-        )
+        # the quick run: the side of record; else it, its packed variant and the best synchronous one
+        # (`--all-sides`: every side)
+        default = [RATIO_SIDE, "cppo_rl_async_packed", "cppo_rl_one_machine"]
+        names = [RATIO_SIDE] if args.quick else list(CPPO_SIDES) if args.all_sides else default
         sides = {side: CPPO_SIDES[side] for side in names}
         rows[model] = {**compare(model, size, sides, venv["python"], timeout), "date": date_now()}
         if "error" in rows[model]:
