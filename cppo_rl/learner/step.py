@@ -115,17 +115,19 @@ def model_inputs(micro: RolloutBatch, pack: bool, share_prompts: bool = False) -
 
 
 def shared_prompt_inputs(micro: RolloutBatch) -> dict[str, torch.Tensor]:
-    """`model_inputs` with each distinct prompt of `micro` computed once: forward row f holds prompt f, then each
-    of its responses in turn, positions continuing from the prompt's end in every response. `block_mask` (bool
+    """`model_inputs` with each prompt group of `micro` computed once: forward row f holds group f's prompt, then
+    each of its responses in turn, positions continuing from the prompt's end in every response. `block_mask` (bool
     [R, 1, L, L], True where query q may attend to key k) lets a prompt token see the prompt's earlier tokens
     and a response token the whole prompt and its own response's earlier tokens, never another response (the
     trailing padding sees only padding). Each response's logprobs are then those of its own sequence alone,
     and the prompt's share of the forward and backward is computed once instead of once per sample."""
     lengths = micro.response_lengths.tolist()
-    families: dict[tuple[int, ...], list[int]] = {}
-    for i, prompt in enumerate(micro.prompt_ids):
-        families.setdefault(tuple(prompt), []).append(i)
-    widths = [len(prompt) + sum(lengths[i] for i in members) for prompt, members in families.items()]
+    # a row per prompt group (as the token-budget plan counts them: micro_batches.shared_tokens), whose samples
+    # share their prompt's tokens
+    families: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i, (group, prompt) in enumerate(zip(micro.group_index.tolist(), micro.prompt_ids, strict=True)):
+        families.setdefault((group, tuple(prompt)), []).append(i)
+    widths = [len(prompt) + sum(lengths[i] for i in members) for (_, prompt), members in families.items()]
     width = max(widths)
     input_ids = torch.zeros(len(families), width, dtype=torch.int64)
     position_ids = torch.zeros(len(families), width, dtype=torch.int64)
@@ -133,7 +135,7 @@ def shared_prompt_inputs(micro: RolloutBatch) -> dict[str, torch.Tensor]:
     start_of = torch.zeros(len(lengths), dtype=torch.int64)  # where each response starts in its row
     row_of = torch.zeros(len(lengths), dtype=torch.int64)
     prompt_of = torch.zeros(len(lengths), dtype=torch.int64)
-    for row, (prompt, members) in enumerate(families.items()):
+    for row, ((_, prompt), members) in enumerate(families.items()):
         p = len(prompt)
         input_ids[row, :p], position_ids[row, :p], branch[row, :p] = torch.tensor(prompt), torch.arange(p), 0
         offset = p
