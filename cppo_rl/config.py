@@ -136,8 +136,8 @@ class LearnerSettings:
     # each): no padding but the rows' tails (cppo_rl/learner/step.py model_inputs); with a token budget, the
     # budget counts packed rows
     pack_sequences: bool = False
-    # each distinct prompt once per forward row, followed by its responses under a block attention mask: the prompt's
-    # share of the forward and backward computed once, not once per sample (cppo_rl/learner/step.py
+    # each prompt group's prompt once per forward row, followed by its responses under a block attention mask: the
+    # prompt's share of the forward and backward computed once, not once per sample (cppo_rl/learner/step.py
     # shared_prompt_inputs); with a token budget, micro-batches of whole prompt groups. Needs a 4D-mask attention
     # (sdpa or eager), not with pack_sequences
     share_prompts: bool = False

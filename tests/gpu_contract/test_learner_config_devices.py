@@ -63,6 +63,8 @@ def test_attn_implementation_auto_picks_flash_attention_only_on_gpu_with_flash_a
     # shared-prompt rows need a 4D block mask, which flash attention cannot take (learner.share_prompts)
     assert attn_implementation_for("auto", on_gpu=True, flash_attn_installed=True, block_mask=True) == "sdpa"
     assert attn_implementation_for("eager", on_gpu=True, flash_attn_installed=True, block_mask=True) == "eager"
+    with pytest.raises(ValueError, match="`share_prompts` and `pack_sequences` are two layouts"):
+        _config(share_prompts=True, pack_sequences=True)
 
 
 def test_router_aux_coef_defaults_to_the_model_config_for_moe_even_without_output_router_logits():
