@@ -487,11 +487,6 @@ def config_problems(config: TrainConfig) -> list[str]:
             f"{r.max_model_len}: a longest prompt + response would exceed the budget alone; raise it (or 0: "
             "micro-batches of learner.micro_batch_size responses)"
         )
-    if lrn.share_prompts and lrn.pack_sequences:
-        problems.append(
-            "learner.share_prompts and learner.pack_sequences are two layouts of the forward rows; choose one "
-            "(share_prompts already puts a prompt's responses in one row)"
-        )
     if lrn.share_prompts and lrn.attn_implementation not in ("auto", *BLOCK_MASK_ATTENTION):
         problems.append(
             f"learner.share_prompts needs an attention that takes a 4D mask ({' or '.join(BLOCK_MASK_ATTENTION)}), "

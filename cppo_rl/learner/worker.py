@@ -133,7 +133,7 @@ class LearnerConfig(LearnerSettings):
             if not getattr(self, name) > 0
         ]
         if self.share_prompts and self.pack_sequences:
-            problems.append("`share_prompts` and `pack_sequences` are two layouts of the forward rows: choose one")
+            problems.append("`share_prompts` and `pack_sequences` are two layouts of the forward rows; choose one")
         if problems:
             raise ValueError("LearnerConfig: " + "\n".join(problems))  # one problem a line
 
