@@ -78,7 +78,7 @@ def model_inputs(micro: RolloutBatch, pack: bool, share_prompts: bool = False) -
     nonzero order) the row and position of the hidden state that predicts it. Unpacked: one right-padded
     sequence per row. Packed (`pack_rows`): several sequences per row, positions restarting at 0 at each
     (trailing padding too), so attention never crosses a sequence. Shared (`shared_prompt_inputs`): each
-    distinct prompt once per row, followed by its responses, with a block attention mask."""
+    prompt group's prompt once per row, followed by its responses, with a block attention mask."""
     if share_prompts:
         return shared_prompt_inputs(micro)
     prompts = [len(p) for p in micro.prompt_ids]
