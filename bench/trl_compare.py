@@ -20,7 +20,9 @@ response length, learning rate (AdamW, constant, no warm-up, weight decay 0, gra
   `.cache/bench/trl-venv`, made by this script (`pip install -c requirements/cpu.txt trl math-verify`,
   so torch and transformers stay at the locked CPU versions); seconds from a callback around each
   optimizer step (generation, rewards, forward, backward, step).
-Seconds per step exclude start-up and the first step (warm-up): the mean of steps 2..N of each side.
+Seconds per step are the steady state: start-up, the first step (warm-up) and the last step excluded, the mean of
+steps 2..N-1 of each side. An asynchronous run's last step trains with no generation beside it (nothing is left to
+generate), so it is shorter than a step of a long run; a short run's mean would otherwise flatter it.
 Reward: the mean train reward over the last steps. Before training, the TRL child checks that it
 sees what cppo_rl sees: the same prompt token ids (its own `_tokenize_prompts` against cppo_rl's
 `Trainer._encode`), the same log-probabilities of the model on a fixed sequence, the same rewards.
@@ -52,7 +54,7 @@ INSTALL = ["trl", "math-verify"]  # constrained by requirements/cpu.txt: torch, 
 SIZES = {  # prompts per step, samples per prompt, max response tokens, micro-batch, steps, lr
     "full": {"prompts": 16, "samples": 16, "length": 32, "micro_batch": 16, "steps": 20, "lr": 5e-5},
     "quick": {"prompts": 4, "samples": 4, "length": 32, "micro_batch": 16, "steps": 3, "lr": 5e-5},
-    "25m": {"prompts": 16, "samples": 16, "length": 32, "micro_batch": 16, "steps": 6, "lr": 5e-5},
+    "25m": {"prompts": 16, "samples": 16, "length": 32, "micro_batch": 16, "steps": 8, "lr": 5e-5},
 }
 # the models compared: TinyModelConfig shape and WarmStartConfig overrides (warm-started once, cached)
 MODELS = {
@@ -389,7 +391,7 @@ def run_cppo(model_dir: str, size: dict, timeout: int, name: str = "cppo_rl", ex
 
 
 def summarise(side: dict, last: int) -> dict:
-    seconds = side["step_seconds"][1:] or side["step_seconds"]
+    seconds = side["step_seconds"][1:-1] or side["step_seconds"]  # steps 2..N-1: the steady state
     return {
         "s_per_step": statistics.fmean(seconds),
         "median_s_per_step": statistics.median(seconds),
@@ -434,7 +436,7 @@ def compare(model: str, size: dict, sides: dict[str, list[str]], python: str, ti
         f"{model}: one training step, {size['prompts']} prompts x {size['samples']} samples x <= {size['length']} "
         f"tokens, lr {size['lr']}, {size['steps']} steps; ratio TRL / cppo_rl s/step = "
         + ", ".join(f"{ratios[name]:.3g} ({name})" for name in sides),
-        ["side", "step 1 s", "s/step (2..N)", "median s", "mean length", "reward step 1", f"reward last {last}"],
+        ["side", "step 1 s", "s/step (2..N-1)", "median s", "mean length", "reward step 1", f"reward last {last}"],
         [
             [
                 side,

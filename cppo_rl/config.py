@@ -20,7 +20,7 @@ from typing import Any
 
 from cppo_rl.algorithms.policy_losses import PolicyLossConfig as _Loss
 from cppo_rl.data.arithmetic_task import ArithmeticTaskConfig
-from cppo_rl.learner.logprobs import BLOCK_MASK_ATTENTION, DEFAULT_CHUNK_SIZE
+from cppo_rl.learner.logprobs import DEFAULT_CHUNK_SIZE
 from cppo_rl.rewards import pool
 from cppo_rl.sync.transport import DEFAULT_SYNC_TIMEOUT_S
 
@@ -136,10 +136,10 @@ class LearnerSettings:
     # each): no padding but the rows' tails (cppo_rl/learner/step.py model_inputs); with a token budget, the
     # budget counts packed rows
     pack_sequences: bool = False
-    # each prompt group's prompt once per forward row, followed by its responses under a block attention mask: the
-    # prompt's share of the forward and backward computed once, not once per sample (cppo_rl/learner/step.py
-    # shared_prompt_inputs); with a token budget, micro-batches of whole prompt groups. Needs a 4D-mask attention
-    # (sdpa or eager), not with pack_sequences
+    # each prompt group's prompt once per forward row, followed by its responses: the prompt's share of the forward
+    # and backward computed once, not once per sample (cppo_rl/learner/step.py shared_prompt_inputs), attention by
+    # cppo_rl/learner/shared_prefix.py; with a token budget, micro-batches of whole prompt groups. Needs
+    # attn_implementation auto or sdpa; not with pack_sequences
     share_prompts: bool = False
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -161,7 +161,8 @@ class LearnerSettings:
     zero_stage: int = 3  # 3 shards everything over the ranks; 0-2 keep full parameters per rank (see docs/learner.md)
     call_timeout_s: float = 3600.0  # a learner call (a step, a sync, a checkpoint) taking longer fails the run
     # the HF attention kernel of the learner's model: auto = flash_attention_2 on GPU when flash-attn is
-    # installed, else sdpa; any other value goes to from_pretrained(attn_implementation=...) as it is
+    # installed, else sdpa (share_prompts: its own SDPA-based kernel); any other value goes to
+    # from_pretrained(attn_implementation=...) as it is
     attn_implementation: str = "auto"
     # weight of an MoE model's router load-balancing loss in the learner's loss; null: the model config's
     # router_aux_loss_coef (Qwen3-30B-A3B: 0.001, though its output_router_logits is false), 0 = off
@@ -486,11 +487,6 @@ def config_problems(config: TrainConfig) -> list[str]:
             f"learner.max_tokens_per_micro_batch={lrn.max_tokens_per_micro_batch} is below rollout.max_model_len="
             f"{r.max_model_len}: a longest prompt + response would exceed the budget alone; raise it (or 0: "
             "micro-batches of learner.micro_batch_size responses)"
-        )
-    if lrn.share_prompts and lrn.attn_implementation not in ("auto", *BLOCK_MASK_ATTENTION):
-        problems.append(
-            f"learner.share_prompts needs an attention that takes a 4D mask ({' or '.join(BLOCK_MASK_ATTENTION)}), "
-            f"not learner.attn_implementation={lrn.attn_implementation!r}; set learner.attn_implementation=sdpa"
         )
     if r.max_response_length >= r.max_model_len:
         problems.append(

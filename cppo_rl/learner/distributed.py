@@ -35,17 +35,20 @@ def dtype_for(requested: str, on_gpu: bool) -> str:
 
 
 def attn_implementation_for(
-    requested: str, on_gpu: bool, flash_attn_installed: bool | None = None, block_mask: bool = False
+    requested: str, on_gpu: bool, flash_attn_installed: bool | None = None, share_prompts: bool = False
 ) -> str:
-    """`learner.attn_implementation`: "auto" is flash_attention_2 on GPU when the flash-attn package is installed
-    and the forward rows need no block mask (`block_mask`: learner.share_prompts, which flash attention cannot
-    take), sdpa otherwise (what transformers picks when given none: PreTrainedModel.get_correct_attn_implementation,
-    transformers 5.19, never picks flash attention by itself); other values pass through.
+    """`learner.attn_implementation`: with `share_prompts` (auto or sdpa requested: LearnerConfig refuses others)
+    the shared-prompt attention (`shared_prefix.SHARED_PREFIX_ATTENTION`, built on SDPA, which flash attention
+    cannot replace); otherwise "auto" is flash_attention_2 on GPU when the flash-attn package is installed, sdpa
+    otherwise (what transformers picks when given none: PreTrainedModel.get_correct_attn_implementation,
+    transformers 5.19, never picks flash attention by itself), and other values pass through.
     `flash_attn_installed`: None looks for the package (importlib.util.find_spec("flash_attn"))."""
+    if share_prompts:
+        from cppo_rl.learner.shared_prefix import SHARED_PREFIX_ATTENTION  # registers it with transformers
+
+        return SHARED_PREFIX_ATTENTION
     if requested != "auto":
         return requested
-    if block_mask:
-        return "sdpa"
     if flash_attn_installed is None:
         flash_attn_installed = importlib.util.find_spec("flash_attn") is not None
     return "flash_attention_2" if on_gpu and flash_attn_installed else "sdpa"

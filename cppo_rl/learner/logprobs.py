@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from cppo_rl.learner.shared_prefix import SHARED_PREFIX_ATTENTION, shared_prefix_layout
+
 DEFAULT_CHUNK_SIZE = 512
-# the HF attention implementations that take a 4D boolean / additive mask (shared-prompt rows' block mask)
-BLOCK_MASK_ATTENTION = ("sdpa", "eager")
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -163,7 +163,7 @@ class LogprobPolicy(torch.nn.Module):
         temperature: float,
         return_entropy: bool = False,
         position_ids: torch.Tensor | None = None,
-        block_mask: torch.Tensor | None = None,
+        branch: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """float32 [N, S] logprobs of `token_ids` [N, S] predicted from `hidden[rows, positions]` ([N] each),
         and with `return_entropy` the float32 [N] entropy of each of those positions.
@@ -174,22 +174,25 @@ class LogprobPolicy(torch.nn.Module):
         (`masking_utils.find_packed_sequence_indices`, 5.19) keeps attention inside each sequence, and
         `attention_mask` marks the real tokens for the MoE router's statistics only. No KV cache is built
         (`use_cache=False`: a training forward; transformers skips the packed-sequence detection when a
-        cache exists). With `block_mask` (bool [B, 1, L, L], True where a query may attend to a key: shared-prompt
-        rows, `cppo_rl.learner.step.shared_prompt_inputs`) the model gets that mask as it is (transformers 5.19
-        `masking_utils._preprocess_mask_arguments` returns a 4D mask unchanged): sdpa takes it as a boolean
-        mask, eager adds it, so it goes there as 0 / the dtype's minimum.
+        cache exists). With `branch` (int64 [B, L]: shared-prompt rows, `cppo_rl.learner.step.shared_prompt_inputs`)
+        the model, loaded with the shared-prompt attention (`shared_prefix.SHARED_PREFIX_ATTENTION`), gets the rows'
+        `shared_layout`, which every attention layer receives among its keyword arguments, and its block mask as the
+        attention mask: transformers 5.19 (`masking_utils._preprocess_mask_arguments`) passes a 4D mask on as it
+        is, so it builds no L x L mask of its own (it would, for position ids that restart in every response).
         """
         mask = None if position_ids is not None else attention_mask
-        if block_mask is not None:
-            mask = block_mask
-            if self.config._attn_implementation == "eager":
-                dtype = self.lm_head.weight.dtype
-                mask = torch.zeros(block_mask.shape, dtype=dtype, device=block_mask.device).masked_fill_(
-                    ~block_mask, torch.finfo(dtype).min
+        extra = {}
+        if branch is not None:
+            if self.config._attn_implementation != SHARED_PREFIX_ATTENTION:
+                raise ValueError(
+                    f"shared-prompt rows need the model loaded with attn_implementation={SHARED_PREFIX_ATTENTION!r}, "
+                    f"not {self.config._attn_implementation!r}: another attention would let responses see each other"
                 )
+            extra["shared_layout"] = shared_prefix_layout(branch)
+            mask = extra["shared_layout"].mask
         if not self.is_moe:
             hidden = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra
             ).last_hidden_state
             return self.lm_head(hidden[rows, positions], token_ids, temperature, return_entropy)
         from cppo_rl.learner.moe import router_stats
@@ -200,6 +203,7 @@ class LogprobPolicy(torch.nn.Module):
             position_ids=position_ids,
             output_router_logits=True,
             use_cache=False,
+            **extra,
         )
         self.router = router_stats(self.model_module, output.router_logits, attention_mask, self.config)
         return self.lm_head(output.last_hidden_state[rows, positions], token_ids, temperature, return_entropy)

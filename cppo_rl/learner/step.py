@@ -116,11 +116,12 @@ def model_inputs(micro: RolloutBatch, pack: bool, share_prompts: bool = False) -
 
 def shared_prompt_inputs(micro: RolloutBatch) -> dict[str, torch.Tensor]:
     """`model_inputs` with each prompt group of `micro` computed once: forward row f holds group f's prompt, then
-    each of its responses in turn, positions continuing from the prompt's end in every response. `block_mask` (bool
-    [R, 1, L, L], True where query q may attend to key k) lets a prompt token see the prompt's earlier tokens
-    and a response token the whole prompt and its own response's earlier tokens, never another response (the
-    trailing padding sees only padding). Each response's logprobs are then those of its own sequence alone,
-    and the prompt's share of the forward and backward is computed once instead of once per sample."""
+    each of its responses in turn, positions continuing from the prompt's end in every response. `branch` (int64
+    [R, L]: 0 the prompt, j the row's j-th response, -1 padding) is what the shared-prompt attention
+    (`shared_prefix.py`) needs: a prompt token sees the prompt's earlier tokens, a response token the whole prompt
+    and its own response's earlier tokens, never another response. Each response's logprobs are then those of its
+    own sequence alone, and the prompt's share of the forward and backward is computed once instead of once per
+    sample."""
     lengths = micro.response_lengths.tolist()
     # a row per prompt group (as the token-budget plan counts them: micro_batches.shared_tokens), whose samples
     # share their prompt's tokens
@@ -147,10 +148,6 @@ def shared_prompt_inputs(micro: RolloutBatch) -> dict[str, torch.Tensor]:
             row_of[i], start_of[i], prompt_of[i] = row, offset, p
             offset += length
         position_ids[row, offset:] = torch.arange(width - offset)
-    index = torch.arange(width)
-    causal = index[None, :] <= index[:, None]  # [query, key]
-    query, key = branch[:, :, None], branch[:, None, :]
-    block_mask = causal & (((key == 0) & (query >= 0)) | (key == query))
     sequences, columns = micro.response_mask.nonzero(as_tuple=True)
     # response token t is predicted by its response's token t - 1, the first one by the prompt's last token
     positions = torch.where(columns == 0, prompt_of[sequences] - 1, start_of[sequences] + columns - 1)
@@ -160,7 +157,7 @@ def shared_prompt_inputs(micro: RolloutBatch) -> dict[str, torch.Tensor]:
         "rows": row_of[sequences],
         "positions": positions,
         "position_ids": position_ids,
-        "block_mask": block_mask.unsqueeze(1),
+        "branch": branch,
     }
 
 
@@ -193,7 +190,7 @@ def set_logprobs(
         temperature,
         return_entropy=return_entropy,
         position_ids=inputs.get("position_ids"),
-        block_mask=inputs.get("block_mask"),
+        branch=inputs.get("branch"),
     )
     logprobs, entropy = result if return_entropy else (result, None)
     out = torch.full(micro.topk_ids.shape, -float("inf"), dtype=torch.float32, device=device)

@@ -134,6 +134,11 @@ class LearnerConfig(LearnerSettings):
         ]
         if self.share_prompts and self.pack_sequences:
             problems.append("`share_prompts` and `pack_sequences` are two layouts of the forward rows; choose one")
+        if self.share_prompts and self.attn_implementation not in ("auto", "sdpa"):
+            problems.append(
+                f"`share_prompts` computes attention with its own SDPA-based kernel (learner/shared_prefix.py), not "
+                f"`attn_implementation`={self.attn_implementation!r}; set `attn_implementation` to auto (or sdpa)"
+            )
         if problems:
             raise ValueError("LearnerConfig: " + "\n".join(problems))  # one problem a line
 
@@ -168,9 +173,8 @@ class LearnerWorker:
         torch.manual_seed(config.seed)
         ds_config = deepspeed_config(config, config.micro_steps(self.world_size), dtype)
         keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained partition the weights (ZeRO-3 init)
-        # share_prompts with an explicit kernel other than sdpa / eager is refused by cppo_rl.config.validate
         attention = distributed.attn_implementation_for(
-            config.attn_implementation, on_gpu, block_mask=config.share_prompts
+            config.attn_implementation, on_gpu, share_prompts=config.share_prompts
         )
         model = AutoModelForCausalLM.from_pretrained(
             config.model_path, dtype=getattr(torch, dtype), attn_implementation=attention

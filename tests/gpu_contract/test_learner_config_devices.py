@@ -60,11 +60,15 @@ def test_attn_implementation_auto_picks_flash_attention_only_on_gpu_with_flash_a
     assert attn_implementation_for("auto", on_gpu=False) == "sdpa"
     assert attn_implementation_for("eager", on_gpu=True, flash_attn_installed=True) == "eager"
     assert attn_implementation_for("flash_attention_3", on_gpu=False) == "flash_attention_3"
-    # shared-prompt rows need a 4D block mask, which flash attention cannot take (learner.share_prompts)
-    assert attn_implementation_for("auto", on_gpu=True, flash_attn_installed=True, block_mask=True) == "sdpa"
-    assert attn_implementation_for("eager", on_gpu=True, flash_attn_installed=True, block_mask=True) == "eager"
+    # shared-prompt rows take their own SDPA-based attention, even where flash attention is there (share_prompts)
+    from cppo_rl.learner.shared_prefix import SHARED_PREFIX_ATTENTION
+
+    for requested in ("auto", "sdpa"):
+        assert attn_implementation_for(requested, True, True, share_prompts=True) == SHARED_PREFIX_ATTENTION
     with pytest.raises(ValueError, match="`share_prompts` and `pack_sequences` are two layouts"):
         _config(share_prompts=True, pack_sequences=True)
+    with pytest.raises(ValueError, match="`share_prompts` computes attention with its own SDPA-based kernel"):
+        _config(share_prompts=True, attn_implementation="flash_attention_2")
 
 
 def test_router_aux_coef_defaults_to_the_model_config_for_moe_even_without_output_router_logits():

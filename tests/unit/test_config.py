@@ -99,7 +99,8 @@ def test_unknown_keys_and_wrong_types_are_refused():
         (["learner.share_prompts=true", "learner.pack_sequences=true"], "two layouts of the forward rows; choose one"),
         (
             ["learner.share_prompts=true", "learner.attn_implementation=flash_attention_2"],
-            r"share_prompts needs an attention that takes a 4D mask \(sdpa or eager\).*attn_implementation=sdpa",
+            r"learner.share_prompts computes attention with its own SDPA-based kernel.*not "
+            r"learner.attn_implementation='flash_attention_2'; set learner.attn_implementation to auto",
         ),
         (["reward.grader=math_verify"], "must look like 'package.module:function'"),
         (["reward.grader=no_such_module:grade"], "cannot import 'no_such_module'"),

@@ -2,8 +2,9 @@
 sequences packed several to a forward row equal those of one sequence per row, and no sequence sees another (spec
 6.3 item 9: nothing per-sequence bleeds across packed sequences; the loss downstream sees one sequence per row
 either way). Shared prompts (learner.share_prompts): each prompt group's prompt computed once per row, its responses
-after it under a block attention mask: the same logprobs, entropies and gradients, no response sees a sibling,
-and the token-budget plan keeps prompt groups whole."""
+after it (attention: cppo_rl/learner/shared_prefix.py, tested against its definition in test_shared_prefix.py): the
+same logprobs, entropies and gradients, no response sees a sibling, and the token-budget plan keeps prompt groups
+whole."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from cppo_rl.batch import RolloutBatch
 from cppo_rl.data.tiny_model import TinyModelConfig, init_tiny_model
 from cppo_rl.learner.logprobs import LogprobPolicy
 from cppo_rl.learner.micro_batches import Batching, pack_rows, padded_tokens, plan_shared_minibatch, shared_tokens
+from cppo_rl.learner.shared_prefix import SHARED_PREFIX_ATTENTION
 from cppo_rl.learner.step import model_inputs, set_logprobs
 
 VOCAB, SLOTS = 128, 3
@@ -44,7 +46,8 @@ def _policy(attention: str) -> LogprobPolicy:
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(_policy("sdpa"))
+    """The learner's model as share_prompts loads it: ordinary rows go through sdpa, shared rows not."""
+    return Engine(_policy(SHARED_PREFIX_ATTENTION))
 
 
 def _micro(groups: list[tuple[int, list[int]]], seed: int) -> RolloutBatch:
@@ -167,18 +170,19 @@ def test_each_prompt_is_computed_once():
     assert inputs["input_ids"][0, :9].tolist() == micro.prompt_ids[0]
     # the second response continues the prompt's positions, whatever its place in the row
     assert inputs["position_ids"][0, 9 + 4 : 9 + 4 + 6].tolist() == list(range(9, 15))
-    block = inputs["block_mask"][0, 0]
-    assert block[9 + 4, :9].all() and not block[9 + 4, 9 : 9 + 4].any()  # sees the prompt, not response 1
+    assert inputs["branch"][0].tolist() == [0] * 9 + [1] * 4 + [2] * 6 + [3] * 2  # the parts the attention needs
+    assert inputs["branch"][1].tolist() == [0] * 7 + [1] * 5 + [2] * 5 + [-1] * 4
     padded = model_inputs(micro, pack=False)
     assert int(padded["attention_mask"].sum()) == 3 * 9 + 12 + 2 * 7 + 10
 
 
-def test_eager_attention_takes_the_block_mask_as_an_additive_one(engine):
+def test_ordinary_rows_are_sdpa_and_shared_rows_refuse_another_attention(engine):
     micro = _micro([(5, [4, 7]), (8, [3])], seed=4)
+    sdpa = Engine(_policy("sdpa"))
     with torch.no_grad():
-        expected = set_logprobs(engine, micro, 1.0)
-        eager = set_logprobs(Engine(_policy("eager")), micro, 1.0, share_prompts=True)
-    torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(set_logprobs(engine, micro, 1.0), set_logprobs(sdpa, micro, 1.0), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="attn_implementation='cppo_shared_prefix', not 'sdpa'"):
+            set_logprobs(sdpa, micro, 1.0, share_prompts=True)
 
 
 @st.composite
