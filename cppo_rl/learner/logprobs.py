@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from cppo_rl.learner.shared_prefix import SHARED_PREFIX_ATTENTION, shared_prefix_layout
-
 DEFAULT_CHUNK_SIZE = 512
 
 
@@ -183,6 +181,8 @@ class LogprobPolicy(torch.nn.Module):
         mask = None if position_ids is not None else attention_mask
         extra = {}
         if branch is not None:
+            from cppo_rl.learner.shared_prefix import SHARED_PREFIX_ATTENTION, shared_prefix_layout
+
             if self.config._attn_implementation != SHARED_PREFIX_ATTENTION:
                 raise ValueError(
                     f"shared-prompt rows need the model loaded with attn_implementation={SHARED_PREFIX_ATTENTION!r}, "
