@@ -81,7 +81,8 @@ def _block_keys(x: torch.Tensor, layout: SharedPrefixLayout, heads: int) -> torc
     local = torch.cat([local[:, :, :-1], local[:, :, 1:]], dim=3)  # [B, kv_heads, blocks, 2W, D]
     prefix = x[:, :, None, : layout.prefix].expand(rows, kv_heads, blocks, layout.prefix, dim)
     keys = torch.cat([prefix, local], dim=3).transpose(1, 2).reshape(rows * blocks, kv_heads, -1, dim)
-    return repeat_kv(keys, heads // kv_heads)  # SDPA with a mask takes no enable_gqa on CPU / CUDA
+    # repeated, not enable_gqa: as transformers' sdpa_attention_forward does under a mask (use_gqa_in_sdpa, 5.19)
+    return repeat_kv(keys, heads // kv_heads)
 
 
 def shared_prefix_attention(
