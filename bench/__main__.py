@@ -1,4 +1,8 @@
-"""`python -m bench [NAME ...] [--quick]`: run the named benchmarks (default: all) one after another."""
+"""`python -m bench [NAME ...] [FLAG ...]`: run the named benchmarks (default: all) one after another.
+
+Everything from the first argument that starts with "-" on is handed to each benchmark as it is, values included
+(`python -m bench trl_compare --models 25m`).
+"""
 
 from __future__ import annotations
 
@@ -22,9 +26,14 @@ BENCHMARKS = (
 )
 
 
+def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:
+    """(benchmark names, flags for each): the names before the first "-" argument (all when none), the rest."""
+    first_flag = next((i for i, arg in enumerate(args) if arg.startswith("-")), len(args))
+    return args[:first_flag] or list(BENCHMARKS), args[first_flag:]
+
+
 def main() -> None:
-    names = [a for a in sys.argv[1:] if not a.startswith("-")] or list(BENCHMARKS)
-    flags = [a for a in sys.argv[1:] if a.startswith("-")]
+    names, flags = split_arguments(sys.argv[1:])
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         sys.exit(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
