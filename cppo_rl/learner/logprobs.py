@@ -174,9 +174,10 @@ class LogprobPolicy(torch.nn.Module):
         (`use_cache=False`: a training forward; transformers skips the packed-sequence detection when a
         cache exists). With `branch` (int64 [B, L]: shared-prompt rows, `cppo_rl.learner.step.shared_prompt_inputs`)
         the model, loaded with the shared-prompt attention (`shared_prefix.SHARED_PREFIX_ATTENTION`), gets the rows'
-        `shared_layout`, which every attention layer receives among its keyword arguments, and its block mask as the
-        attention mask: transformers 5.19 (`masking_utils._preprocess_mask_arguments`) passes a 4D mask on as it
-        is, so it builds no L x L mask of its own (it would, for position ids that restart in every response).
+        `shared_layout`, which every attention layer receives among its keyword arguments, and the layout's mask
+        (bool [B x blocks, 1, W, P + 2W]) as the attention mask: transformers 5.19
+        (`masking_utils._preprocess_mask_arguments`) passes a 4D mask on as it is, so it builds no L x L mask of
+        its own (it would, for position ids that restart in every response).
         """
         mask = None if position_ids is not None else attention_mask
         extra = {}
